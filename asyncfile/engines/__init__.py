@@ -1,0 +1,26 @@
+"""Engines: how chunks are read without blocking the reactor thread."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import IFileEngine, IOPool, OpenedFile
+from .nowait import NowaitEngine, nowait_supported
+from .threads import ThreadsEngine
+
+__all__ = ["IFileEngine", "IOPool", "OpenedFile", "NowaitEngine", "ThreadsEngine", "make_engine", "ENGINES"]
+
+ENGINES = ("auto", "nowait", "threads")
+
+
+def make_engine(name: str, reactor: Any, pool: IOPool) -> IFileEngine:
+    """Build the named engine; ``auto`` picks the best one this system supports."""
+    if name == "auto":
+        name = "nowait" if nowait_supported() else "threads"
+    if name == "nowait":
+        if not nowait_supported():
+            raise ValueError("engine 'nowait' needs Linux preadv with RWF_NOWAIT")
+        return NowaitEngine(reactor, pool)
+    if name == "threads":
+        return ThreadsEngine(reactor, pool)
+    raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")

@@ -1,0 +1,47 @@
+"""Result buffers that become ``bytes`` without a second full copy.
+
+``load()`` promises ``bytes``.  Reading into a ``bytearray`` and calling
+``bytes()`` on it copies every byte again, which costs as much as the read
+itself for cached data.  CPython's C API allows allocating an uninitialised
+``bytes`` object (``PyBytes_FromStringAndSize(NULL, n)``) and filling it before
+anyone else sees it; we do exactly that through ctypes.  Other interpreters
+fall back to ``bytearray`` + one copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+__all__ = ["allocate", "finish"]
+
+_ZERO_COPY = sys.implementation.name == "cpython"
+
+if _ZERO_COPY:
+    _from_size = ctypes.pythonapi.PyBytes_FromStringAndSize
+    _from_size.restype = ctypes.py_object
+    _from_size.argtypes = [ctypes.c_char_p, ctypes.c_ssize_t]
+    # ob_sval follows the header; bytes.__basicsize__ counts its 1 trailing NUL.
+    _DATA_OFFSET = bytes.__basicsize__ - 1
+
+
+def allocate(size: int) -> tuple[bytes | bytearray, memoryview]:
+    """A new buffer of ``size`` bytes and a writable byte view of it.
+
+    The first element must not be shared until it has been filled: it is
+    returned as the result (``bytes`` where supported) by ``finish``.
+    """
+    if _ZERO_COPY and size > 1:  # sizes 0 and 1 are shared singletons
+        obj = _from_size(None, size)
+        array = (ctypes.c_char * size).from_address(id(obj) + _DATA_OFFSET)
+        array.owner = obj  # a view (say, in a pool thread) keeps the bytes alive
+        return obj, memoryview(array).cast("B")
+    obj = bytearray(size)
+    return obj, memoryview(obj)
+
+
+def finish(obj: bytes | bytearray, view: memoryview, filled: int) -> bytes:
+    """The first ``filled`` bytes as ``bytes``, without copying when the buffer was filled exactly."""
+    if filled == len(view) and isinstance(obj, bytes):
+        return obj
+    return bytes(view[:filled])

@@ -1,0 +1,230 @@
+"""``FileLoader``: whole files, byte ranges and streams, under limits."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IConsumer
+from twisted.python.failure import Failure
+
+from .engines import IOPool, make_engine
+from .engines.base import IFileEngine, OpenedFile
+from .limiter import Limiter, Slot
+from .reader import BufferSink, ConsumerSink, FileReader
+
+__all__ = ["FileLoader", "read_file", "default_loader"]
+
+PathLike = "str | bytes | os.PathLike[str] | os.PathLike[bytes]"
+
+
+class _Operation:
+    """One load or stream, through its stages: waiting → opening → reading.
+
+    Cancelling at any stage frees the limiter place and the descriptor; the
+    place is given back only once the descriptor is really closed, so at
+    most ``max_open`` are ever open.
+    """
+
+    def __init__(self, loader: "FileLoader", path: str, offset: int, length: int | None,
+                 consumer: IConsumer | None) -> None:
+        self.loader = loader
+        self.path = path
+        self.offset = offset
+        self.length = length
+        self.consumer = consumer
+        self.slot: Slot | None = None
+        self.reader: FileReader | None = None
+        self.stage: defer.Deferred[Any] | None = None
+        self.cancelled = False
+        self.result: defer.Deferred[Any] = defer.Deferred(self._cancel)
+
+    def begin(self) -> defer.Deferred[Any]:
+        self.stage = self.loader._limiter.acquire()
+        self.stage.addCallbacks(self._granted, self._fail)
+        return self.result
+
+    def _cancel(self, _: defer.Deferred[Any]) -> None:
+        self.cancelled = True
+        self.loader.cancelled += 1
+        if self.reader is not None:
+            self.reader.deferred.cancel()
+        elif self.stage is not None:
+            self.stage.cancel()
+
+    def _fail(self, failure: Failure) -> None:
+        if not self.result.called:
+            self.result.errback(failure)
+
+    def _granted(self, slot: Slot) -> None:
+        self.slot = slot
+        if self.cancelled:
+            slot.release()
+            return
+        try:
+            self.stage = self.loader.engine.open(self.path)
+        except Exception:
+            self._release()
+            self._fail(Failure())
+            return
+        self.stage.addCallbacks(self._opened, self._open_failed)
+
+    def _open_failed(self, failure: Failure) -> None:
+        self._release()
+        self._fail(failure)
+
+    def _opened(self, opened: OpenedFile) -> None:
+        loader = self.loader
+        loader.open_files += 1
+        if self.cancelled:  # the open completed synchronously after all
+            FileReader(opened, loader.engine, BufferSink(0, 0, 1), reactor=loader.reactor,
+                       on_closed=self._closed)._finish(None)
+            return
+        expected = max(0, opened.size - self.offset)
+        if self.length is not None:
+            expected = min(expected, self.length)
+        if self.consumer is None:
+            sink: BufferSink | ConsumerSink = BufferSink(expected, self.length, loader.chunk_size)
+        else:
+            sink = ConsumerSink(self.consumer, expected, self.length, loader.chunk_size)
+        reader = FileReader(opened, loader.engine, sink, self.offset, reactor=loader.reactor,
+                            on_closed=self._closed)
+        self.reader = reader
+        if self.consumer is not None:
+            self.consumer.registerProducer(reader, True)
+        reader.deferred.addBoth(self._read_done)
+        reader.start()
+
+    def _read_done(self, outcome: Any) -> None:
+        loader = self.loader
+        if self.consumer is not None:
+            try:
+                self.consumer.unregisterProducer()
+            except Exception:
+                pass
+        if isinstance(outcome, Failure):
+            if not outcome.check(defer.CancelledError):
+                loader.errors += 1
+            self._fail(outcome)
+            return
+        loader.loaded += 1
+        loader.bytes += self.reader.sink.filled
+        if not self.result.called:
+            self.result.callback(outcome)
+
+    def _closed(self) -> None:
+        self.loader.open_files -= 1
+        self._release()
+
+    def _release(self) -> None:
+        if self.slot is not None:
+            slot, self.slot = self.slot, None
+            slot.release()
+
+
+def _check_range(offset: int, length: int | None) -> None:
+    if not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be a non-negative int, not {offset!r}")
+    if length is not None and (not isinstance(length, int) or length < 0):
+        raise ValueError(f"length must be None or a non-negative int, not {length!r}")
+
+
+class FileLoader:
+    """Loads files without blocking the reactor, with bounded descriptors and waiters.
+
+    :param reactor: the reactor (default: the global one).
+    :param max_open: descriptors open at once; further loads wait, FIFO.
+    :param max_waiting: loads allowed to wait; beyond that ``load`` fails at
+        once with ``Overloaded``.
+    :param chunk_size: bytes read per reactor iteration (and per pool call).
+    :param engine: ``"auto"``, ``"nowait"`` or ``"threads"``.
+    :param io_threads: size of the dedicated I/O thread pool.
+    """
+
+    def __init__(self, reactor: Any = None, max_open: int = 64, max_waiting: int = 1024,
+                 chunk_size: int = 256 * 1024, engine: str = "auto", io_threads: int = 16) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+            reactor = default_reactor
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
+        self.reactor = reactor
+        self.chunk_size = chunk_size
+        self._limiter = Limiter(max_open, max_waiting)
+        self.pool = IOPool(reactor, io_threads)
+        self.engine: IFileEngine = make_engine(engine, reactor, self.pool)
+        self.open_files = 0
+        self.loaded = 0
+        self.bytes = 0
+        self.errors = 0
+        self.cancelled = 0
+
+    def load(self, path: Any, offset: int = 0, length: int | None = None) -> defer.Deferred[bytes]:
+        """The file's bytes from ``offset``, at most ``length`` of them (all when None).
+
+        Like ``pread``: a range past the end gives fewer bytes or none.  Fails
+        with the original ``OSError`` (``FileNotFoundError``, ...) or
+        ``Overloaded``; cancel it to give up.
+        """
+        try:
+            _check_range(offset, length)
+            path = os.fsdecode(os.fspath(path))
+        except (TypeError, ValueError):
+            return defer.fail()
+        return _Operation(self, path, offset, length, None).begin()
+
+    def stream(self, path: Any, consumer: IConsumer, offset: int = 0,
+               length: int | None = None) -> defer.Deferred[int]:
+        """Write the file (or a range) into ``consumer`` as a push producer.
+
+        Honours ``pauseProducing``/``resumeProducing``; fires with the number
+        of bytes written, or fails with ``ConsumerStopped`` if the consumer
+        stopped the producer (a client disconnected).  The consumer is not
+        finished: the caller decides what comes after.
+        """
+        try:
+            _check_range(offset, length)
+            path = os.fsdecode(os.fspath(path))
+        except (TypeError, ValueError):
+            return defer.fail()
+        return _Operation(self, path, offset, length, consumer).begin()
+
+    def stats(self) -> dict[str, Any]:
+        limiter = self._limiter
+        return {
+            "engine": self.engine.name,
+            "open": self.open_files,
+            "active": limiter.active,
+            "waiting": limiter.waiting,
+            "max_open": limiter.limit,
+            "max_waiting": limiter.max_waiting,
+            "loaded": self.loaded,
+            "bytes": self.bytes,
+            "errors": self.errors,
+            "cancelled": self.cancelled,
+            "rejected": limiter.rejected,
+            "peak_open": limiter.peak_active,
+            "peak_waiting": limiter.peak_waiting,
+            **self.engine.stats(),
+        }
+
+    def close(self) -> None:
+        """Stop the engine's threads (loads in flight finish first)."""
+        self.engine.stop()
+
+
+_default: FileLoader | None = None
+
+
+def default_loader() -> FileLoader:
+    """The module-level loader behind ``read_file`` (created on first use)."""
+    global _default
+    if _default is None:
+        _default = FileLoader()
+    return _default
+
+
+def read_file(path: Any, offset: int = 0, length: int | None = None) -> defer.Deferred[bytes]:
+    """``default_loader().load(path, offset, length)``."""
+    return default_loader().load(path, offset, length)
