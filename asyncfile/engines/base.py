@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import stat
+import threading
+import time
 from typing import Any, Callable
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import Attribute, Interface
 
 from ..errors import NotRegularFile
@@ -70,33 +72,110 @@ def open_regular(path: str) -> OpenedFile:
     return OpenedFile(fd, st.st_size, st.st_dev, path)
 
 
+class _Workers:
+    """Threads pulling jobs from one queue, started by each other.
+
+    ``threading.Thread.start()`` waits until the new thread runs, which under
+    GIL contention takes up to a switch interval (5 ms): starting 16 threads
+    from the reactor thread stalled it 13 ms here.  So the reactor thread
+    starts only the first worker; a worker that takes a job while more wait
+    and no one is idle starts the next one.
+    """
+
+    _STOP = object()
+
+    def __init__(self, max_threads: int, name: str) -> None:
+        self.max_threads = max_threads
+        self.name = name
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.idle = 0
+        self.busy = 0
+        self._stopping = False
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._queue.put(job)
+        with self._lock:
+            first = not self._threads and not self._stopping
+            if first:
+                thread = self._new_thread()
+        if first:
+            thread.start()
+
+    def _new_thread(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name=f"{self.name}-{len(self._threads)}", daemon=True)
+        self._threads.append(thread)
+        return thread
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self.idle += 1
+            job = self._queue.get()
+            spawn = None
+            with self._lock:
+                self.idle -= 1
+                if job is self._STOP:
+                    return
+                self.busy += 1
+                if (not self._stopping and self.idle == 0 and not self._queue.empty()
+                        and len(self._threads) < self.max_threads):
+                    spawn = self._new_thread()
+            if spawn is not None:
+                spawn.start()
+            try:
+                job()
+            finally:
+                with self._lock:
+                    self.busy -= 1
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Let queued jobs finish, end the threads (waiting at most ``timeout``:
+        a read stuck on a dead network mount must not hang shutdown)."""
+        with self._lock:
+            self._stopping = True
+            threads = list(self._threads)
+        for _ in threads:
+            self._queue.put(self._STOP)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+
 class IOPool:
-    """A dedicated, bounded thread pool for blocking file calls.
+    """A dedicated, bounded pool of threads for blocking file calls.
 
     Not the reactor's default pool: that one also serves DNS lookups, and a
-    burst of slow reads must not starve them.  Started on first use, stopped
-    at reactor shutdown.
+    burst of slow reads must not starve them.  Threads start on first use and
+    end at reactor shutdown.
     """
 
     def __init__(self, reactor: Any, max_threads: int = 16, name: str = "asyncfile-io") -> None:
+        if max_threads < 1:
+            raise ValueError("max_threads must be at least 1")
         self.reactor = reactor
         self.max_threads = max_threads
-        self._pool: ThreadPool | None = None
         self._name = name
+        self._workers: _Workers | None = None
+        self._trigger: Any = None
         self.calls = 0
 
-    def _ensure(self) -> ThreadPool:
-        if self._pool is None:
-            self._pool = ThreadPool(0, self.max_threads, name=self._name)
-            self._pool.start()
+    def _ensure(self) -> _Workers:
+        if self._workers is None:
+            self._workers = _Workers(self.max_threads, self._name)
             self._trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
-        return self._pool
+        return self._workers
 
     def run(self, f: Callable[..., Any], *args: Any, on_orphan: Callable[[Any], None] | None = None) -> defer.Deferred[Any]:
         """``f(*args)`` in the pool.  Cancelling cannot stop a running system call,
         so a result that arrives after cancellation goes to ``on_orphan``
         (which closes a descriptor, say) instead of being lost."""
-        pool = self._ensure()
+        workers = self._ensure()
         self.calls += 1
         cancelled = []
         result: defer.Deferred[Any] = defer.Deferred(lambda d: cancelled.append(True))
@@ -119,25 +198,25 @@ class IOPool:
                 value, ok = Failure(), False
             self.reactor.callFromThread(deliver, ok, value)
 
-        pool.callInThread(work)
+        workers.submit(work)
         return result
 
     def stats(self) -> dict[str, int]:
-        pool = self._pool
+        workers = self._workers
         return {
             "io_threads": self.max_threads,
-            "io_threads_busy": len(pool.working) if pool is not None else 0,
-            "io_queue": pool._queue.qsize() if pool is not None else 0,
+            "io_threads_busy": workers.busy if workers is not None else 0,
+            "io_queue": workers.pending() if workers is not None else 0,
         }
 
     def stop(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
+        if self._workers is not None:
+            workers, self._workers = self._workers, None
             try:
                 self.reactor.removeSystemEventTrigger(self._trigger)
             except (ValueError, KeyError, TypeError):
                 pass
-            pool.stop()
+            workers.stop()
 
 
 class IFileEngine(Interface):

@@ -297,8 +297,8 @@ async def test_cancel_running_load_closes_its_descriptor(make_loader, tmp_path):
     data = write(path, 2000 * CHUNK)
     before = open_fds()
     d = loader.load(path)
-    await task.deferLater(reactor, 0.001, lambda: None)  # a few chunks in
-    assert loader.stats()["open"] == 1 and not d.called
+    await until(lambda: loader.stats()["open"] == 1)  # opened, a few chunks in
+    assert not d.called
     d.cancel()
     with pytest.raises(defer.CancelledError):
         await d
