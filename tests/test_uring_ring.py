@@ -476,3 +476,52 @@ def test_ring_unusable_in_forked_child(ring):
     ring.prep_nop(1)  # the parent's ring is untouched
     ring.submit()
     assert wait_for(ring, 1) == {1: 0}
+
+
+# A child process installs a seccomp filter that makes one io_uring syscall
+# fail with the given errno, then reports what probe() says. x86-64 only (the
+# filter checks the audit architecture).
+_SECCOMP_CHILD = r"""
+import ctypes, struct, sys
+nr, err = int(sys.argv[1]), int(sys.argv[2])
+AUDIT_ARCH_X86_64 = 0xC000003E
+prog = [  # (code, jt, jf, k)
+    (0x20, 0, 0, 4),                   # ld [arch]
+    (0x15, 0, 3, AUDIT_ARCH_X86_64),   # jeq arch, else allow
+    (0x20, 0, 0, 0),                   # ld [nr]
+    (0x15, 0, 1, nr),                  # jeq nr, else allow
+    (0x6, 0, 0, 0x00050000 | err),     # ret ERRNO(err)
+    (0x6, 0, 0, 0x7FFF0000),           # ret ALLOW
+]
+filt = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *i) for i in prog))
+fprog = ctypes.create_string_buffer(struct.pack("@HP", len(prog),
+                                                ctypes.addressof(filt)))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0, ctypes.get_errno()  # NO_NEW_PRIVS
+assert libc.prctl(22, 2, fprog, 0, 0) == 0, ctypes.get_errno()  # SECCOMP
+from asyncfile.engines import _uring
+print(_uring.probe())
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 filter")
+@pytest.mark.parametrize(
+    ("nr", "err", "expected"),
+    [
+        (425, errno.ENOSYS, "io_uring_setup: ENOSYS"),
+        (425, errno.EPERM, "io_uring_setup: EPERM"),
+        (426, errno.EPERM, "io_uring_enter failed"),
+        (427, errno.EPERM, "IORING_REGISTER_PROBE failed"),
+    ],
+)
+def test_probe_explains_seccomp_refusal(nr, err, expected):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _SECCOMP_CHILD, str(nr), str(err)],
+        capture_output=True, text=True, timeout=30,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert out.returncode == 0, out.stderr
+    assert expected in out.stdout

@@ -825,9 +825,17 @@ class Ring:
             os.close(self.fd)
 
     def _cancel_all(self, timeout: float) -> None:
+        """Cancel every submitted op and wait for their completions.
+
+        Best effort: an io_uring_enter error stops it; close() then keeps the
+        references of whatever is still in flight.
+        """
         deadline = time.monotonic() + timeout
-        self.submit()
-        if self._sq_pending:  # kernel refused them: never seen by it
+        try:
+            self.submit()
+        except OSError:
+            pass
+        if self._sq_pending:  # never accepted by the kernel: just forget them
             self._drop_unsubmitted()
         if not self._inflight:
             return
@@ -835,8 +843,8 @@ class Ring:
         cancel_ud = _U64
         while cancel_ud in self._inflight:
             cancel_ud -= 1
-        # Room for one more SQE is guaranteed after submit(); bypass the CQ cap
-        # (FEAT_NODROP keeps an overflowing CQE in the kernel).
+        # The SQ is empty now, so there is a slot; bypass the CQ cap (with
+        # FEAT_NODROP the kernel keeps an overflowing CQE rather than drop it).
         tail = self._sq_tail_local
         _SQE_PACK(self._sqes, (tail & self._sq_mask) << 6,
                   IORING_OP_ASYNC_CANCEL, 0, 0, -1, 0, 0, 0,
@@ -845,21 +853,26 @@ class Ring:
         self._sq_tail_local = (tail + 1) & _U32
         self._sq_pending += 1
         self._inflight[cancel_ud] = None
-        self.submit()
-        old_kernel = False
-        while self._inflight and time.monotonic() < deadline:
-            for user_data, res in self.wait(1, deadline - time.monotonic()):
-                if user_data == cancel_ud and res == -_errno.EINVAL:
-                    old_kernel = True  # CANCEL_ANY is Linux 5.19+
-            if old_kernel:
-                old_kernel = False
-                for target in list(self._inflight):
-                    if self.sq_space() <= 0:
-                        break
-                    while cancel_ud in self._inflight:
-                        cancel_ud -= 1
-                    self.prep_cancel(target, cancel_ud)
-                self.submit()
+        try:
+            self.submit()
+            old_kernel = False
+            while self._inflight and time.monotonic() < deadline:
+                for user_data, res in self.wait(1, deadline - time.monotonic()):
+                    if user_data == cancel_ud and res == -_errno.EINVAL:
+                        old_kernel = True  # CANCEL_ANY is Linux 5.19+
+                if old_kernel:  # cancel one by one instead
+                    old_kernel = False
+                    for target in list(self._inflight):
+                        if self.sq_space() <= 0:
+                            break
+                        while cancel_ud in self._inflight:
+                            cancel_ud -= 1
+                        self.prep_cancel(target, cancel_ud)
+                    self.submit()
+        except OSError:
+            pass
+        if self._sq_pending:
+            self._drop_unsubmitted()
 
     def _drop_unsubmitted(self) -> None:
         """Forget SQEs the kernel never accepted (they are the newest ones)."""
