@@ -372,6 +372,29 @@ def test_full_submission_queue_raises():
         assert r.sq_space() == 4
 
 
+def test_rings_wrap_around(data_file):
+    """Batches of uneven size make SQ and CQ indices wrap mid-batch."""
+    expected = data_file.read_bytes()
+    fd = os.open(data_file, os.O_RDONLY)
+    try:
+        with Ring(4) as r:
+            ud = 0
+            for round_ in range(60):
+                batch = round_ % 4 + 1
+                bufs = {}
+                for _ in range(batch):
+                    bufs[ud] = bytearray(7)
+                    r.prep_read(fd, bufs[ud], ud * 7, ud)
+                    ud += 1
+                assert r.submit() == batch
+                results = wait_for(r, batch)
+                for key, buf in bufs.items():
+                    assert results[key] == 7
+                    assert buf == expected[key * 7:key * 7 + 7]
+    finally:
+        os.close(fd)
+
+
 def test_in_flight_is_capped_at_cq_entries(pipe):
     rfd, _wfd = pipe
     with Ring(2) as r:
@@ -401,6 +424,19 @@ def test_duplicate_user_data_refused(ring, pipe):
     ring.prep_nop(7)  # free again once reaped
     ring.submit()
     assert wait_for(ring, 1) == {7: 0}
+
+
+def test_out_of_range_arguments_refused(ring):
+    with pytest.raises(ValueError):
+        ring.prep_nop(-1)
+    with pytest.raises(ValueError):
+        ring.prep_nop(2**64)
+    with pytest.raises(ValueError):
+        ring.prep_close(2**31, 1)
+    assert ring.in_flight == 0 and ring.pending == 0
+    ring.prep_nop(2**64 - 1)
+    ring.submit()
+    assert wait_for(ring, 1) == {2**64 - 1: 0}
 
 
 def test_close_is_idempotent_and_final():

@@ -200,16 +200,19 @@ class _Probe(ctypes.Structure):
 assert ctypes.sizeof(_Params) == 120
 assert ctypes.sizeof(_GetEventsArg) == 24
 
-# struct io_uring_sqe (64 bytes), written in one pack_into per operation:
-# opcode, flags, ioprio, fd, off/addr2, addr, len, op_flags (open_flags,
-# statx_flags, cancel_flags, rw_flags...), user_data, buf_index, personality,
-# splice_fd_in/file_index, addr3, pad.
-_SQE = struct.Struct("=BBHiQQIIQHHiQQ")
-_SQE_PACK = _SQE.pack_into
-assert _SQE.size == 64
+# struct io_uring_sqe is 64 bytes: opcode, flags, ioprio, fd, off/addr2, addr,
+# len, op_flags (open_flags, statx_flags, cancel_flags, rw_flags...),
+# user_data, then buf_index, personality, splice_fd_in/file_index, addr3, pad.
+# Only the first 40 bytes are written (one pack_into per operation): the last
+# 24 start zeroed (fresh mapping), the kernel never writes SQEs, and none of
+# the operations here uses them, so they stay zero.
+_SQE_SIZE = 64
+_SQE_HEAD = struct.Struct("=BBHiQQIIQ")
+_SQE_PACK = _SQE_HEAD.pack_into
+assert _SQE_HEAD.size == 40
 # struct io_uring_cqe (16 bytes): user_data, res, flags.
 _CQE = struct.Struct("=QiI")
-_CQE_UNPACK = _CQE.unpack_from
+_CQE_ITER = _CQE.iter_unpack
 assert _CQE.size == 16
 _POINTER = struct.Struct("@P")
 
@@ -252,7 +255,7 @@ class StatxResult(NamedTuple):
         return os.makedev(self.dev_major, self.dev_minor)
 
 
-def _parse_statx(buf: bytearray) -> StatxResult:
+def _parse_statx(buf: Any) -> StatxResult:
     (mask, blksize, attributes, nlink, uid, gid, mode, ino, size, blocks, _amask,
      a_s, a_ns, b_s, b_ns, c_s, c_ns, m_s, m_ns,
      rdev_major, rdev_minor, dev_major, dev_minor, mnt_id, _dma, _doa,
@@ -265,15 +268,12 @@ def _parse_statx(buf: bytearray) -> StatxResult:
     )
 
 
-class _StatxKeep:
-    """Keeps a statx op's path and result buffer alive; parses at reap time."""
+class _StatxBuf(ctypes.Array):
+    """The buffer a statx op writes into; its ``path`` attribute keeps the path
+    alive too, so one object is all the ring has to hold until reaped."""
 
-    __slots__ = ("path", "buf", "anchor")
-
-    def __init__(self, path: Any, buf: bytearray, anchor: Any) -> None:
-        self.path = path
-        self.buf = buf
-        self.anchor = anchor
+    _type_ = ctypes.c_char
+    _length_ = _STATX_BUFSIZE
 
 
 # --- Errors ----------------------------------------------------------------------
@@ -411,13 +411,14 @@ def _c_path(path: PathArg) -> tuple[ctypes.c_char_p, int]:
     """
     if type(path) is not bytes:
         path = os.fsencode(path)
-    if b"\0" in path:
+    if 0 in path:  # memchr; much cheaper than b"\0" in path
         raise ValueError("embedded null byte in path")
     cp = ctypes.c_char_p(path)
     return cp, _POINTER.unpack_from(cp)[0]
 
 
 _c_char_from_buffer = ctypes.c_char.from_buffer
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _addressof = ctypes.addressof
 
 
@@ -434,7 +435,8 @@ class Ring:
     __slots__ = (
         "__weakref__", "fd", "sq_entries", "cq_entries", "features",
         "_closed", "_maps", "_sq_head", "_sq_tail", "_sq_flags", "_sq_mask",
-        "_sqes", "_sq_tail_local", "_sq_pending", "_cq_head", "_cq_tail",
+        "_sqes", "_sq_tail_local", "_sq_submitted", "_room", "_cq_head",
+        "_cq_tail",
         "_cq_mask", "_cqes", "_cq_head_local", "_inflight", "_ts", "_ext_arg",
         "_eventfd",
     )
@@ -474,6 +476,8 @@ class Ring:
         self._ext_arg.ts = _addressof(self._ts)
         self._eventfd: int | None = None
         self._closed = False
+        self._room = 0
+        self._update_room()
         _RINGS.add(self)
 
     def _map_rings(self, p: _Params) -> None:
@@ -486,7 +490,7 @@ class Ring:
             sq_size = cq_size = max(sq_size, cq_size)
         sq_ptr = self._map(sq_size, IORING_OFF_SQ_RING)
         cq_ptr = sq_ptr if single else self._map(cq_size, IORING_OFF_CQ_RING)
-        sqe_ptr = self._map(sq_entries * _SQE.size, IORING_OFF_SQES)
+        sqe_ptr = self._map(sq_entries * _SQE_SIZE, IORING_OFF_SQES)
 
         u32 = ctypes.c_uint32
         so, co = p.sq_off, p.cq_off
@@ -500,10 +504,10 @@ class Ring:
         array = (u32 * sq_entries).from_address(sq_ptr + so.array)
         for i in range(sq_entries):
             array[i] = i
-        self._sqes = memoryview((ctypes.c_char * (sq_entries * _SQE.size))
+        self._sqes = memoryview((ctypes.c_char * (sq_entries * _SQE_SIZE))
                                 .from_address(sqe_ptr)).cast("B")
-        self._sq_tail_local = self._sq_tail.value
-        self._sq_pending = 0
+        # Unmasked counters: prepared SQEs, and those the kernel accepted.
+        self._sq_tail_local = self._sq_submitted = self._sq_tail.value
         self._cq_head = u32.from_address(cq_ptr + co.head)
         self._cq_tail = u32.from_address(cq_ptr + co.tail)
         self._cq_mask = u32.from_address(cq_ptr + co.ring_mask).value
@@ -546,35 +550,48 @@ class Ring:
     @property
     def pending(self) -> int:
         """Operations prepared but not yet accepted by the kernel."""
-        return self._sq_pending
+        return self._sq_tail_local - self._sq_submitted
 
     def sq_space(self) -> int:
-        """How many more operations can be prepared now."""
+        """How many more operations can be prepared now: free SQ slots, capped
+        so that in-flight operations never outnumber CQ slots."""
+        return self._room
+
+    def _update_room(self) -> None:
         if self._closed:
-            return 0
-        return min(self.sq_entries - self._sq_pending,
-                   self.cq_entries - len(self._inflight))
+            self._room = 0
+        else:
+            self._room = min(
+                self.sq_entries - (self._sq_tail_local - self._sq_submitted),
+                self.cq_entries - len(self._inflight))
 
     # -- preparing operations -------------------------------------------------
 
     def _put(self, opcode: int, fd: int, off: int, addr: int, length: int,
              op_flags: int, user_data: int, keep: Any) -> None:
         """Write one SQE into the next free slot and remember what to keep alive."""
-        if self._closed:
-            raise RingClosed("ring is closed")
+        room = self._room
+        if room <= 0:
+            raise self._no_room()
         inflight = self._inflight
-        if (self._sq_pending >= self.sq_entries
-                or len(inflight) >= self.cq_entries):
-            raise SubmissionQueueFull(
-                f"{self._sq_pending} pending, {len(inflight)} in flight")
         if user_data in inflight:
             raise ValueError(f"user_data {user_data} is already in flight")
         tail = self._sq_tail_local
-        _SQE_PACK(self._sqes, (tail & self._sq_mask) << 6, opcode, 0, 0, fd,
-                  off, addr, length, op_flags, user_data, 0, 0, 0, 0, 0)
-        self._sq_tail_local = (tail + 1) & _U32
-        self._sq_pending += 1
+        try:
+            _SQE_PACK(self._sqes, (tail & self._sq_mask) << 6, opcode, 0, 0,
+                      fd, off, addr, length, op_flags, user_data)
+        except struct.error as e:  # nothing was queued
+            raise ValueError(f"argument out of range for an SQE: {e} (fd "
+                             f"{fd!r}, user_data {user_data!r})") from None
+        self._sq_tail_local = tail + 1
+        self._room = room - 1
         inflight[user_data] = keep
+
+    def _no_room(self) -> UringError:
+        if self._closed:
+            return RingClosed("ring is closed")
+        return SubmissionQueueFull(
+            f"{self.pending} prepared, {len(self._inflight)} in flight")
 
     def prep_nop(self, user_data: int) -> None:
         """A no-op; completes with res 0. For tests and wake-ups."""
@@ -588,17 +605,23 @@ class Ring:
         the completion is reaped, so it is neither freed nor resized meanwhile.
         The result is the byte count (short reads happen; only 0 is EOF).
         """
-        mv = memoryview(buf)
-        if mv.readonly:
-            raise TypeError("prep_read needs a writable buffer")
-        n = mv.nbytes
+        # The anchor is a c_char over the buffer's first byte: it gives the
+        # address and holds the export that pins the memory.
+        if buf.__class__ is bytearray:  # fast path: no extra memoryview
+            n = len(buf)
+            anchor = _c_char_from_buffer(buf) if n else buf
+        else:
+            mv = memoryview(buf)
+            if mv.readonly:
+                raise TypeError("prep_read needs a writable buffer")
+            n = mv.nbytes
+            anchor = _c_char_from_buffer(mv) if n else mv  # C-contiguous only
         if n:
-            anchor = _c_char_from_buffer(mv)  # raises if not C-contiguous
             addr = _addressof(anchor)
             if n > _MAX_RW:
                 n = _MAX_RW
         else:
-            anchor, addr = mv, 0
+            addr = 0
         self._put(IORING_OP_READ, fd, offset & _U64, addr, n, 0, user_data,
                   anchor)
 
@@ -610,7 +633,7 @@ class Ring:
         """
         cp, addr = _c_path(path)
         self._put(IORING_OP_OPENAT, dirfd, 0, addr, mode,
-                  (flags | os.O_CLOEXEC) & _U32, user_data, cp)
+                  (flags | _O_CLOEXEC) & _U32, user_data, cp)
 
     def prep_statx(self, path_or_fd: PathArg | int, user_data: int, *,
                    flags: int = 0, mask: int = STATX_BASIC_STATS,
@@ -623,11 +646,10 @@ class Ring:
             dirfd = path_or_fd
             path_or_fd = b""
             flags |= AT_EMPTY_PATH
-        cp, addr = _c_path(path_or_fd)
-        buf = bytearray(_STATX_BUFSIZE)
-        anchor = _c_char_from_buffer(buf)
-        self._put(IORING_OP_STATX, dirfd, _addressof(anchor), addr, mask,
-                  flags, user_data, _StatxKeep(cp, buf, anchor))
+        buf = _StatxBuf()
+        buf.path, addr = _c_path(path_or_fd)
+        self._put(IORING_OP_STATX, dirfd, _addressof(buf), addr, mask,
+                  flags, user_data, buf)
 
     def prep_close(self, fd: int, user_data: int) -> None:
         """close(fd) in the kernel; the result is 0 or -errno."""
@@ -655,12 +677,12 @@ class Ring:
         """
         if self._closed:
             raise RingClosed("ring is closed")
-        pending = self._sq_pending
+        pending = self._sq_tail_local - self._sq_submitted
         if not pending:
             return 0
         if _FENCE is not None:
             _FENCE(_SEQ_CST)  # SQE stores before the tail store
-        self._sq_tail.value = self._sq_tail_local
+        self._sq_tail.value = self._sq_tail_local & _U32
         while True:
             ret = _syscall(_NR_ENTER, self.fd, pending, 0, 0, 0, 0)
             if ret >= 0:
@@ -671,7 +693,8 @@ class Ring:
             if err in (_errno.EAGAIN, _errno.EBUSY):
                 return 0
             raise OSError(err, f"io_uring_enter: {os.strerror(err)}")
-        self._sq_pending = pending - ret
+        self._sq_submitted += ret
+        self._update_room()
         return ret
 
     def reap(self) -> list[tuple[int, Any]]:
@@ -687,37 +710,43 @@ class Ring:
         head = self._cq_head_local
         tail = self._cq_tail.value
         if head == tail:
-            if self._sq_flags.value & IORING_SQ_CQ_OVERFLOW:
-                self._flush_overflow()
-                tail = self._cq_tail.value
-            if head == tail:
+            if not self._sq_flags.value & IORING_SQ_CQ_OVERFLOW:
                 return out
-        if _FENCE is not None:
-            _FENCE(_SEQ_CST)  # load-acquire of the tail
+            self._flush_overflow()
+            tail = self._cq_tail.value
         pop = self._inflight.pop
         cqes = self._cqes
-        mask = self._cq_mask
+        entries = self._cq_mask + 1
         append = out.append
-        while True:
-            while head != tail:
-                user_data, res, _flags = _CQE_UNPACK(cqes, (head & mask) << 4)
-                keep = pop(user_data, None)
-                if res == 0 and keep.__class__ is _StatxKeep:
-                    res = _parse_statx(keep.buf)
-                append((user_data, res))
-                head = (head + 1) & _U32
+        statx_buf = _StatxBuf
+        while head != tail:
+            if _FENCE is not None:
+                _FENCE(_SEQ_CST)  # load-acquire of the tail
+            # The CQEs between head and tail, as one or two (wrapped) slices.
+            first = head & self._cq_mask
+            last = first + ((tail - head) & _U32)
+            if last <= entries:
+                chunks: tuple[memoryview, ...] = (cqes[first << 4:last << 4],)
+            else:
+                chunks = (cqes[first << 4:], cqes[:(last - entries) << 4])
+            for chunk in chunks:
+                for user_data, res, _flags in _CQE_ITER(chunk):
+                    keep = pop(user_data, None)
+                    if res == 0 and keep is not None and (
+                            keep.__class__ is statx_buf):
+                        res = _parse_statx(keep)
+                    append((user_data, res))
+            head = tail
             if _FENCE is not None:
                 _FENCE(_SEQ_CST)  # CQE loads before the head store (release)
-            # Publishing the head frees the slots for the kernel.
+            # Publishing the head hands the slots back to the kernel.
             self._cq_head.value = head
             self._cq_head_local = head
             if self._sq_flags.value & IORING_SQ_CQ_OVERFLOW:
                 self._flush_overflow()
             tail = self._cq_tail.value
-            if head == tail:
-                return out
-            if _FENCE is not None:
-                _FENCE(_SEQ_CST)
+        self._update_room()
+        return out
 
     def _flush_overflow(self) -> None:
         """Ask the kernel to move overflowed CQEs (kept with FEAT_NODROP) into
@@ -736,8 +765,8 @@ class Ring:
         out = self.reap()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            want = min(min_complete, len(self._inflight) - self._sq_pending
-                       + len(out)) - len(out)
+            submitted = len(self._inflight) - self.pending
+            want = min(min_complete, submitted + len(out)) - len(out)
             if want <= 0:
                 return out
             if deadline is not None:
@@ -817,6 +846,7 @@ class Ring:
                 self._cancel_all(timeout)
         finally:
             self._closed = True
+            self._room = 0
             _RINGS.discard(self)
             if self._inflight:
                 _ORPHANS.extend(self._inflight.values())
@@ -835,7 +865,7 @@ class Ring:
             self.submit()
         except OSError:
             pass
-        if self._sq_pending:  # never accepted by the kernel: just forget them
+        if self.pending:  # never accepted by the kernel: just forget them
             self._drop_unsubmitted()
         if not self._inflight:
             return
@@ -849,9 +879,8 @@ class Ring:
         _SQE_PACK(self._sqes, (tail & self._sq_mask) << 6,
                   IORING_OP_ASYNC_CANCEL, 0, 0, -1, 0, 0, 0,
                   IORING_ASYNC_CANCEL_ALL | IORING_ASYNC_CANCEL_ANY,
-                  cancel_ud, 0, 0, 0, 0, 0)
-        self._sq_tail_local = (tail + 1) & _U32
-        self._sq_pending += 1
+                  cancel_ud)
+        self._sq_tail_local = tail + 1
         self._inflight[cancel_ud] = None
         try:
             self.submit()
@@ -871,22 +900,25 @@ class Ring:
                     self.submit()
         except OSError:
             pass
-        if self._sq_pending:
+        if self.pending:
             self._drop_unsubmitted()
 
     def _drop_unsubmitted(self) -> None:
         """Forget SQEs the kernel never accepted (they are the newest ones)."""
-        for user_data in list(self._inflight)[-self._sq_pending:]:
-            del self._inflight[user_data]
-        self._sq_tail_local = (self._sq_tail_local - self._sq_pending) & _U32
-        self._sq_tail.value = self._sq_tail_local
-        self._sq_pending = 0
+        pending = self.pending
+        if pending:
+            for user_data in list(self._inflight)[-pending:]:
+                del self._inflight[user_data]
+        self._sq_tail_local = self._sq_submitted
+        self._sq_tail.value = self._sq_submitted & _U32
+        self._update_room()
 
     def _abandon(self) -> None:
         """In a forked child: release our copy without touching the parent's ops."""
         if self._closed:
             return
         self._closed = True
+        self._room = 0
         self._inflight = {}
         self._unmap()
         try:
