@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import errno as _errno
 import os
-import platform
 import select
 import struct
 import sys
@@ -319,7 +318,7 @@ def check(res: Any, filename: Any = None) -> Any:
 
 # --- libc access -----------------------------------------------------------------
 
-_MACHINE = platform.machine()
+_MACHINE = os.uname().machine if hasattr(os, "uname") else ""
 _NR = _SYSCALL_NUMBERS.get(_MACHINE) if sys.platform.startswith("linux") else None
 _NR_SETUP, _NR_ENTER, _NR_REGISTER = _NR or (-1, -1, -1)
 
