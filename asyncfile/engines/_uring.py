@@ -443,10 +443,9 @@ class Ring:
     def __init__(self, entries: int = 256) -> None:
         self._closed = True  # until fully set up: close()/__del__ are no-ops
         self._maps: list[tuple[int, int]] = []
-        if _NR is None:
-            raise UringUnavailable(_platform_problem() or "io_uring unavailable")
-        if _FENCE_PROBLEM:
-            raise UringUnavailable(_FENCE_PROBLEM)
+        problem = _platform_problem() or _FENCE_PROBLEM
+        if problem:
+            raise UringUnavailable(problem)
         if entries < 1:
             raise ValueError("entries must be >= 1")
         params = _Params()
