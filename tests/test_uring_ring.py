@@ -90,6 +90,16 @@ def test_probe_says_usable_and_is_cached():
     assert _uring.probe() is _uring.probe()
 
 
+def test_probe_reasons_for_unsupported_platforms(monkeypatch):
+    monkeypatch.setattr(_uring, "_NR", None)
+    monkeypatch.setattr(_uring, "_MACHINE", "sparc64")
+    assert "sparc64" in _uring._probe()
+    with pytest.raises(_uring.UringUnavailable, match="sparc64"):
+        Ring(8)
+    monkeypatch.setattr(_uring.sys, "platform", "darwin")
+    assert "Linux-only" in _uring._probe()
+
+
 def test_nop_round_trip(ring):
     ring.prep_nop(42)
     assert ring.in_flight == 1 and ring.pending == 1
