@@ -180,6 +180,6 @@ def test_command_line_help() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "asyncfile.testing.slowfs", "--help"],
         capture_output=True, text=True, timeout=30, check=True,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     )
     assert "--read-delay" in result.stdout

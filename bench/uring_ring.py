@@ -5,7 +5,7 @@ Why: the binding is pure Python, so its per-operation cost (struct packing,
 ctypes calls, dict bookkeeping) decides whether io_uring beats a thread pool;
 this measures files/s for openat+read+close pipelines with N files in flight.
 
-    python benchmarks/uring_files.py [--files 2000] [--size 16384] [--repeat 5]
+    python bench/uring_ring.py [--files 2000] [--size 16384] [--repeat 5]
 """
 
 from __future__ import annotations

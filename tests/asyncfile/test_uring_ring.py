@@ -567,7 +567,7 @@ def test_probe_explains_seccomp_refusal(nr, err, expected):
     out = subprocess.run(
         [sys.executable, "-c", _SECCOMP_CHILD, str(nr), str(err)],
         capture_output=True, text=True, timeout=30,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert out.returncode == 0, out.stderr
     assert expected in out.stdout
