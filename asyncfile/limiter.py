@@ -58,6 +58,12 @@ class Limiter:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    def try_acquire(self) -> Slot | None:
+        """A place now, or None: the synchronous fast path of ``acquire``."""
+        if self.active < self.limit and not self._waiters:
+            return self._grant()
+        return None
+
     def acquire(self) -> defer.Deferred[Slot]:
         """A Deferred firing with a ``Slot`` (release it when done).
 

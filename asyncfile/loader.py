@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections import deque
+from time import perf_counter
 from typing import Any
 
 from twisted.internet import defer
@@ -11,6 +13,7 @@ from twisted.python.failure import Failure
 
 from .engines import IOPool, make_engine
 from .engines.base import IFileEngine, OpenedFile
+from . import _buffers
 from .limiter import Limiter, Slot
 from .reader import BufferSink, ConsumerSink, FileReader
 
@@ -41,9 +44,17 @@ class _Operation:
         self.result: defer.Deferred[Any] = defer.Deferred(self._cancel)
 
     def begin(self) -> defer.Deferred[Any]:
-        self.stage = self.loader._limiter.acquire()
-        self.stage.addCallbacks(self._granted, self._fail)
+        loader = self.loader
+        slot = loader._limiter.try_acquire()
+        if slot is not None:
+            loader._start(self, slot)
+        else:
+            self.stage = loader._limiter.acquire()
+            self.stage.addCallbacks(self._granted_later, self._fail)
         return self.result
+
+    def _granted_later(self, slot: Slot) -> None:
+        self.loader._start(self, slot)
 
     def _cancel(self, _: defer.Deferred[Any]) -> None:
         self.cancelled = True
@@ -60,15 +71,37 @@ class _Operation:
     def _granted(self, slot: Slot) -> None:
         self.slot = slot
         if self.cancelled:
-            slot.release()
-            return
-        try:
-            self.stage = self.loader.engine.open(self.path)
-        except Exception:
             self._release()
+            return
+        loader = self.loader
+        started = perf_counter()
+        try:
+            if self.consumer is None and loader._open_inline is not None:
+                opened = loader._read_cached(self.path, self.offset, self.length)
+                if opened is None:
+                    opened = loader.engine.open(self.path)
+                elif isinstance(opened, bytes):
+                    loader._charge(perf_counter() - started)
+                    self._release()
+                    self.result.callback(opened)
+                    return
+                else:
+                    loader.open_files -= 1  # _opened counts it again
+            else:
+                opened = loader.engine.open(self.path)
+        except Exception:
+            loader._charge(perf_counter() - started)
+            self._release()
+            loader.errors += 1
             self._fail(Failure())
             return
-        self.stage.addCallbacks(self._opened, self._open_failed)
+        if isinstance(opened, defer.Deferred):
+            loader._charge(perf_counter() - started)
+            self.stage = opened
+            opened.addCallbacks(self._opened, self._open_failed)
+        else:
+            self._opened(opened)
+            loader._charge(perf_counter() - started)
 
     def _open_failed(self, failure: Failure) -> None:
         self._release()
@@ -140,10 +173,15 @@ class FileLoader:
     :param chunk_size: bytes read per reactor iteration (and per pool call).
     :param engine: ``"auto"``, ``"nowait"`` or ``"threads"``.
     :param io_threads: size of the dedicated I/O thread pool.
+    :param turn_budget: seconds of inline work (page-cache copies, local
+        opens) one reactor turn may do for new loads before the rest start in
+        the next turn: a burst of thousands of cached loads must not stall
+        the reactor either.
     """
 
     def __init__(self, reactor: Any = None, max_open: int = 64, max_waiting: int = 1024,
-                 chunk_size: int = 256 * 1024, engine: str = "auto", io_threads: int = 16) -> None:
+                 chunk_size: int = 256 * 1024, engine: str = "auto", io_threads: int = 16,
+                 turn_budget: float = 0.002) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -154,11 +192,51 @@ class FileLoader:
         self._limiter = Limiter(max_open, max_waiting)
         self.pool = IOPool(reactor, io_threads)
         self.engine: IFileEngine = make_engine(engine, reactor, self.pool)
+        self._open_inline = getattr(self.engine, "open_inline", None)
+        self._eof_probe = memoryview(bytearray(1))  # used in the reactor thread only
+        self.turn_budget = turn_budget
+        self._spent = 0.0
+        self._turn_pending = False
+        self._ready: deque[tuple[_Operation, Slot]] = deque()
         self.open_files = 0
         self.loaded = 0
         self.bytes = 0
         self.errors = 0
         self.cancelled = 0
+
+    def _start(self, op: _Operation, slot: Slot) -> None:
+        """Start ``op`` now, or in a later turn once this one's inline budget is spent."""
+        if self._spent < self.turn_budget and not self._ready:
+            op._granted(slot)
+        else:
+            self._ready.append((op, slot))
+            self._schedule_turn()
+
+    def _charge(self, seconds: float) -> None:
+        """Count inline work against this reactor turn's budget."""
+        self._spent += seconds
+        self._schedule_turn()
+
+    def _schedule_turn(self) -> None:
+        if not self._turn_pending:
+            self._turn_pending = True
+            self.reactor.callLater(0, self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._turn_pending = False
+        self._spent = 0.0
+        ready = self._ready
+        # Wall time, not just what _granted charges: the callbacks that the
+        # results run (the caller's code) count against the turn too.
+        started = perf_counter()
+        while ready:
+            op, slot = ready.popleft()
+            op._granted(slot)
+            if perf_counter() - started >= self.turn_budget:
+                break
+        self._spent = max(self._spent, perf_counter() - started)
+        if ready:
+            self._schedule_turn()
 
     def load(self, path: Any, offset: int = 0, length: int | None = None) -> defer.Deferred[bytes]:
         """The file's bytes from ``offset``, at most ``length`` of them (all when None).
@@ -172,7 +250,71 @@ class FileLoader:
             path = os.fsdecode(os.fspath(path))
         except (TypeError, ValueError):
             return defer.fail()
+        if self._open_inline is not None and not self._ready and self._spent < self.turn_budget:
+            done = self._load_now(path, offset, length)
+            if done is not None:
+                return done
         return _Operation(self, path, offset, length, None).begin()
+
+    def _load_now(self, path: str, offset: int, length: int | None) -> defer.Deferred[bytes] | None:
+        """``load`` without queueing, Deferred chains or a reader, where a
+        place is free and the file is small and cached; None otherwise."""
+        slot = self._limiter.try_acquire()
+        if slot is None:
+            return None
+        started = perf_counter()
+        try:
+            got = self._read_cached(path, offset, length)
+        except OSError:
+            slot.release()
+            self.errors += 1
+            return defer.fail()
+        finally:
+            self._charge(perf_counter() - started)
+        if got is None:
+            slot.release()
+            return None
+        if isinstance(got, bytes):
+            slot.release()
+            return defer.succeed(got)
+        op = _Operation(self, path, offset, length, None)
+        op.slot = slot
+        self.open_files -= 1  # _opened counts it again
+        op._opened(got)
+        return op.result
+
+    def _read_cached(self, path: str, offset: int, length: int | None) -> bytes | OpenedFile | None:
+        """The fast path for a small cached file: open, one ``RWF_NOWAIT`` read
+        of all of it, a read that confirms EOF, close — in this reactor turn,
+        with no reader registered and no thread.
+
+        Returns the bytes; or the still open file when it is not such a file
+        (the general path reads it); or None when opening could block (the
+        engine opens it in its pool).  Raises the open's ``OSError``.
+        """
+        opened = self._open_inline(path)
+        if opened is None:
+            return None
+        self.open_files += 1
+        expected = max(0, opened.size - offset)
+        if length is not None:
+            expected = min(expected, length)
+        if not opened.inline or expected > self.chunk_size:
+            return opened
+        engine = self.engine
+        obj, view = _buffers.allocate(expected)
+        try:
+            n = engine.read_inline(opened, view, offset) if expected else 0
+            if n != expected or (expected != length and
+                                 engine.read_inline(opened, self._eof_probe, offset + n) != 0):
+                return opened  # a short read, or the file grew: the general path
+        except OSError:  # not all cached (BlockingIOError), or an error the general path reports
+            return opened
+        engine.close(opened)
+        self.open_files -= 1
+        self.loaded += 1
+        self.bytes += n
+        return _buffers.finish(obj, view, n)
 
     def stream(self, path: Any, consumer: IConsumer, offset: int = 0,
                length: int | None = None) -> defer.Deferred[int]:

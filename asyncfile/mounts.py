@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import select
+import time
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -21,6 +22,9 @@ SLOW_OPEN = frozenset(
     {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "afs", "lustre",
      "gpfs", "virtiofs", "ncpfs", "coda", "davfs", "ocfs2", "gfs2", "beegfs", "orangefs"}
 )
+# How often to ask the kernel whether the mount table changed.
+CHECK_INTERVAL = 0.005
+
 # Always in memory: reads never wait for storage, but refuse RWF_NOWAIT.
 MEMORY_BACKED = frozenset({"tmpfs", "ramfs"})
 
@@ -77,6 +81,8 @@ class MountTable:
         self._by_point: list[Mount] = []
         self._by_dev: dict[int, Mount] = {}
         self._by_dir: dict[str, Mount | None] = {}
+        self.generation = 0  # bumped whenever the table is reread
+        self._next_check = 0.0
         self._poller: select.poll | None = None
         self._fd = -1
         try:
@@ -103,11 +109,21 @@ class MountTable:
         mounts = parse_mountinfo(b"".join(chunks).decode("utf-8", "surrogateescape").splitlines())
         # Later mounts hide earlier ones on the same point: keep the last.
         by_point = {m.mount_point: m for m in mounts}
-        self._by_point = sorted(by_point.values(), key=lambda m: len(m.mount_point), reverse=True)
+        by_point_sorted = sorted(by_point.values(), key=lambda m: len(m.mount_point), reverse=True)
+        if by_point_sorted == self._by_point:
+            return  # nothing changed: keep caches (and their users') warm
+        self._by_point = by_point_sorted
         self._by_dev = {m.dev: m for m in mounts}
         self._by_dir = {}
+        self.generation += 1
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
+        """Reread the table if the kernel says it changed (checked at most
+        every ``CHECK_INTERVAL`` seconds: the check is a system call)."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + CHECK_INTERVAL
         if self._poller is not None and self._poller.poll(0):
             self._reload()
 
@@ -115,7 +131,7 @@ class MountTable:
         """The mount a path would be opened on (by prefix; symlinks are not followed)."""
         if self._poller is None:
             return None
-        self._refresh()
+        self.refresh()
         directory = os.path.dirname(path)
         try:
             return self._by_dir[directory]

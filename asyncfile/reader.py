@@ -25,7 +25,9 @@ from .errors import ConsumerStopped
 
 __all__ = ["FileReader", "BufferSink", "ConsumerSink"]
 
-PROBE_SIZE = 64 * 1024
+# Reads past the expected end: one byte tells EOF (0) from growth (1); a
+# file that did grow is then read in whole chunks.
+PROBE_SIZE = 1
 
 
 class BufferSink:
@@ -50,11 +52,12 @@ class BufferSink:
         # The buffer is full: look past the expected end for EOF or growth.
         if self._probe is None:
             self._probe = memoryview(bytearray(PROBE_SIZE))
-        return self._probe[:min(room, PROBE_SIZE)]
+        return self._probe
 
     def wrote(self, view: memoryview, n: int) -> None:
         if self._probe is not None and view.obj is self._probe.obj and self.filled >= len(self.buf):
-            # The file grew beyond fstat's size: grow the buffer (rare, so a copy is fine).
+            # The file grew beyond fstat's size (or is a /proc file claiming 0):
+            # grow the buffer (rare, so a copy is fine).
             grown = bytearray(self.filled + n + max(self.chunk_size, self.filled // 2))
             grown[:self.filled] = self.buf[:self.filled]
             grown[self.filled:self.filled + n] = view[:n]
@@ -88,7 +91,7 @@ class ConsumerSink:
         if self.remaining_expected > 0:
             room = min(room, self.remaining_expected)
         else:
-            room = min(room, PROBE_SIZE)
+            room = min(room, 4096)  # past the expected end: EOF, or a growing or /proc file
         self._obj, view = _buffers.allocate(room)
         return view
 
@@ -134,6 +137,7 @@ class FileReader(abstract.FileDescriptor):
         self._paused = False
         self._finished = False
         self._fd_open = True
+        self._reading = False
         self._outcome: Any = None
         self.chunks = 0
 
@@ -147,6 +151,15 @@ class FileReader(abstract.FileDescriptor):
     def connectionLost(self, reason: Failure) -> None:
         # The reactor disconnects every reader at shutdown.
         self._finish(reason)
+
+    def startReading(self) -> None:
+        self._reading = True
+        abstract.FileDescriptor.startReading(self)
+
+    def stopReading(self) -> None:
+        if self._reading:
+            self._reading = False
+            abstract.FileDescriptor.stopReading(self)
 
     def logPrefix(self) -> str:
         return "FileReader"
@@ -244,7 +257,8 @@ class FileReader(abstract.FileDescriptor):
         if self._finished:
             return
         self._finished = True
-        self.stopReading()
+        if self._reading:
+            self.stopReading()
         self.disconnected = 1
         self.connected = 0
         if outcome is None:

@@ -224,10 +224,13 @@ class IFileEngine(Interface):
 
     name = Attribute("The engine's name, as in FileLoader(engine=...) and stats()")
 
-    def open(path: str) -> "defer.Deferred[OpenedFile]":
-        """Open a regular file for reading.  May fire synchronously when
-        opening cannot block (a local file system); ``OpenedFile.inline``
-        says whether ``read_inline`` may be used for it."""
+    def open(path: str) -> "defer.Deferred[OpenedFile] | OpenedFile":
+        """Open a regular file for reading.
+
+        Where opening cannot block (a local file system) the engine may open
+        inline and return the ``OpenedFile`` itself, or raise its ``OSError``;
+        otherwise a Deferred.  ``OpenedFile.inline`` says whether
+        ``read_inline`` may be used for it."""
 
     def read_inline(f: OpenedFile, view: memoryview, offset: int) -> int:
         """Read into ``view`` at ``offset`` in the reactor thread, without

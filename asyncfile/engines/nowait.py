@@ -19,8 +19,12 @@ __all__ = ["NowaitEngine", "nowait_supported"]
 
 RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
 
-# An inline open slower than this marks its mount as one to open in the pool.
-SLOW_OPEN_SECONDS = 0.002
+# When opens on a mount average (EWMA) more than this, open there in the
+# pool; when they average less than a quarter of it again, open inline.  An
+# average, not one sample: a single GC pause or scheduler hiccup must not
+# send a local disk's opens to threads.
+SLOW_OPEN_SECONDS = 0.001
+_EWMA_WEIGHT = 0.1
 
 
 def nowait_supported() -> bool:
@@ -46,42 +50,101 @@ class NowaitEngine(ThreadsEngine):
         self.mounts = mounts if mounts is not None else shared_mount_table()
         self._refusing_devs: set[int] = set()
         self._slow_points: set[str] = set()
+        self._open_cost: dict[str, float] = {}
+        self._by_dir: dict[str, tuple[bool, str | None]] = {}
+        self._by_dev: dict[int, tuple[bool, bool]] = {}
+        self._generation = self.mounts.generation
         self.nowait_fallbacks = 0
 
     def _opens_slowly(self, path: str) -> tuple[bool, str | None]:
-        m = self.mounts.for_path(path)
-        if m is None:
-            return False, None
-        return (m.slow_open or m.mount_point in self._slow_points), m.mount_point
+        # Cached per directory: this runs for every load, so it must cost
+        # less than the open itself.
+        mounts = self.mounts
+        mounts.refresh()
+        if mounts.generation != self._generation:
+            self._forget()
+        directory = path.rpartition("/")[0]
+        policy = self._by_dir.get(directory)
+        if policy is None:
+            m = mounts.for_path(path)
+            policy = (False, None) if m is None else (m.slow_open or m.mount_point in self._slow_points,
+                                                      m.mount_point)
+            if directory.startswith("/") and (m is None or m.mount_point != path) and len(self._by_dir) < 4096:
+                self._by_dir[directory] = policy
+        return policy
+
+    def _forget(self) -> None:
+        """Drop cached policies (the mount table or what we learned changed)."""
+        self._generation = self.mounts.generation
+        self._by_dir.clear()
+        self._by_dev.clear()
 
     def _classify(self, f: OpenedFile) -> OpenedFile:
-        m = self.mounts.for_dev(f.dev)
-        if m is not None and m.memory_backed:
-            f.inline, f.nowait = True, False
-        elif (m is not None and m.slow_open) or f.dev in self._refusing_devs:
-            f.inline = f.nowait = False
-        else:
-            f.inline = f.nowait = True
+        flags = self._by_dev.get(f.dev)
+        if flags is None:
+            m = self.mounts.for_dev(f.dev)
+            if m is not None and m.memory_backed:
+                flags = (True, False)
+            elif (m is not None and m.slow_open) or f.dev in self._refusing_devs:
+                flags = (False, False)
+            else:
+                flags = (True, True)
+            self._by_dev[f.dev] = flags
+        f.inline, f.nowait = flags
         return f
 
-    def open(self, path: str) -> defer.Deferred[OpenedFile]:
+    def _timed_open(self, path: str) -> tuple[OpenedFile, float]:
+        started = time.perf_counter()
+        return open_regular(path), time.perf_counter() - started
+
+    def _record_open(self, point: str | None, seconds: float) -> None:
+        if point is None:
+            return
+        cost = self._open_cost.get(point, 0.0) * (1 - _EWMA_WEIGHT) + seconds * _EWMA_WEIGHT
+        self._open_cost[point] = cost
+        if point in self._slow_points:
+            if cost < SLOW_OPEN_SECONDS / 4:
+                self._slow_points.discard(point)
+                self._forget()
+                self.log.info("open() on {mount} is fast again: opening inline", mount=point)
+        elif cost > SLOW_OPEN_SECONDS:
+            self._slow_points.add(point)
+            self._forget()
+            self.log.info("open() on {mount} averages {ms:.1f} ms: opening there in the I/O pool",
+                          mount=point, ms=cost * 1000)
+
+    def open_inline(self, path: str) -> OpenedFile | None:
+        """Open in the calling (reactor) thread where that cannot block for
+        long; None where it may (then use ``open``).  Raises the ``OSError``."""
         slow, point = self._opens_slowly(path)
         if slow:
-            self.pool_opens += 1
-            return self.pool.run(open_regular, path, on_orphan=lambda f: os.close(f.fd)).addCallback(self._classify)
+            return None
         self.inline_opens += 1
         started = time.perf_counter()
         try:
             f = open_regular(path)
-        except OSError:
-            return defer.fail()
         finally:
-            elapsed = time.perf_counter() - started
-            if elapsed > SLOW_OPEN_SECONDS and point is not None and point not in self._slow_points:
-                self._slow_points.add(point)
-                self.log.info("open() on {mount} took {ms:.1f} ms: opening there in the I/O pool from now on",
-                              mount=point, ms=elapsed * 1000)
-        return defer.succeed(self._classify(f))
+            self._record_open(point, time.perf_counter() - started)
+        return self._classify(f)
+
+    def open(self, path: str) -> defer.Deferred[OpenedFile] | OpenedFile:
+        slow, point = self._opens_slowly(path)
+        if slow:
+            self.pool_opens += 1
+
+            def opened(result: tuple[OpenedFile, float]) -> OpenedFile:
+                f, seconds = result
+                self._record_open(point, seconds)
+                return self._classify(f)
+
+            return self.pool.run(self._timed_open, path, on_orphan=lambda r: os.close(r[0].fd)).addCallback(opened)
+        self.inline_opens += 1
+        started = time.perf_counter()
+        try:
+            f = open_regular(path)
+        finally:
+            self._record_open(point, time.perf_counter() - started)
+        return self._classify(f)
 
     def read_inline(self, f: OpenedFile, view: memoryview, offset: int) -> int:
         if not f.inline:
@@ -99,6 +162,7 @@ class NowaitEngine(ThreadsEngine):
                 raise
             # This file system refuses RWF_NOWAIT: read its files in the pool.
             self._refusing_devs.add(f.dev)
+            self._by_dev[f.dev] = (False, False)
             f.inline = f.nowait = False
             raise BlockingIOError(errno.EAGAIN, "RWF_NOWAIT not supported here") from None
         self.inline_reads += 1
