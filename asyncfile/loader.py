@@ -68,7 +68,7 @@ class _Operation:
         if not self.result.called:
             self.result.errback(failure)
 
-    def _granted(self, slot: Slot) -> None:
+    def _granted(self, slot: Slot, opened: Any = False) -> None:
         self.slot = slot
         if self.cancelled:
             self._release()
@@ -76,7 +76,9 @@ class _Operation:
         loader = self.loader
         started = perf_counter()
         try:
-            if self.consumer is None and loader._open_inline is not None:
+            if opened is None:  # the fast path found that this file opens slowly
+                opened = loader.engine.open(self.path)
+            elif self.consumer is None and loader._read_small is not None:
                 opened = loader._read_cached(self.path, self.offset, self.length)
                 if opened is None:
                     opened = loader.engine.open(self.path)
@@ -156,6 +158,50 @@ class _Operation:
             slot.release()
 
 
+class _QuickLoad:
+    """A load waiting for the next reactor turn, expected to be small and
+    cached: far cheaper than an ``_Operation`` when it is."""
+
+    __slots__ = ("loader", "path", "offset", "length", "result")
+
+    def __init__(self, loader: "FileLoader", path: str, offset: int, length: int | None) -> None:
+        self.loader = loader
+        self.path = path
+        self.offset = offset
+        self.length = length
+        self.result: defer.Deferred[bytes] = defer.Deferred(self._cancel)
+
+    def _cancel(self, _: defer.Deferred[bytes]) -> None:
+        self.loader.cancelled += 1  # its place is given back when its turn comes
+
+    def _granted(self, slot: Slot) -> None:
+        result = self.result
+        if result.called:  # cancelled while it waited
+            slot.release()
+            return
+        loader = self.loader
+        try:
+            got = loader._read_cached(self.path, self.offset, self.length)
+        except OSError:
+            slot.release()
+            loader.errors += 1
+            result.errback()
+            return
+        if type(got) is bytes:
+            slot.release()
+            result.callback(got)
+            return
+        # Not small and cached after all: the general path takes over.
+        op = _Operation(loader, self.path, self.offset, self.length, None)
+        op.slot = slot
+        op.result.chainDeferred(result)
+        if got is None:
+            op._granted(slot, opened=None)
+        else:
+            loader.open_files -= 1  # _opened counts it again
+            op._opened(got)
+
+
 def _check_range(offset: int, length: int | None) -> None:
     if not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset must be a non-negative int, not {offset!r}")
@@ -181,7 +227,7 @@ class FileLoader:
 
     def __init__(self, reactor: Any = None, max_open: int = 64, max_waiting: int = 1024,
                  chunk_size: int = 256 * 1024, engine: str = "auto", io_threads: int = 16,
-                 turn_budget: float = 0.002) -> None:
+                 turn_budget: float = 0.001) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -192,12 +238,12 @@ class FileLoader:
         self._limiter = Limiter(max_open, max_waiting)
         self.pool = IOPool(reactor, io_threads)
         self.engine: IFileEngine = make_engine(engine, reactor, self.pool)
-        self._open_inline = getattr(self.engine, "open_inline", None)
+        self._read_small = getattr(self.engine, "read_small", None)
         self._eof_probe = memoryview(bytearray(1))  # used in the reactor thread only
         self.turn_budget = turn_budget
         self._spent = 0.0
         self._turn_pending = False
-        self._ready: deque[tuple[_Operation, Slot]] = deque()
+        self._ready: deque[tuple[Any, Slot]] = deque()  # (op with _granted(slot), its place)
         self.open_files = 0
         self.loaded = 0
         self.bytes = 0
@@ -245,76 +291,63 @@ class FileLoader:
         with the original ``OSError`` (``FileNotFoundError``, ...) or
         ``Overloaded``; cancel it to give up.
         """
-        try:
-            _check_range(offset, length)
-            path = os.fsdecode(os.fspath(path))
-        except (TypeError, ValueError):
-            return defer.fail()
-        if self._open_inline is not None and not self._ready and self._spent < self.turn_budget:
-            done = self._load_now(path, offset, length)
-            if done is not None:
-                return done
+        if type(path) is not str or type(offset) is not int or offset < 0 or (
+                length is not None and (type(length) is not int or length < 0)):
+            try:
+                _check_range(offset, length)
+                path = os.fsdecode(os.fspath(path))
+            except (TypeError, ValueError):
+                return defer.fail()
+        if self._read_small is not None:
+            if not self._ready and self._spent < self.turn_budget:
+                done = self._load_now(path, offset, length)
+                if done is not None:
+                    return done
+            else:
+                slot = self._limiter.try_acquire()
+                if slot is not None:  # a place, but this turn's budget is spent
+                    quick = _QuickLoad(self, path, offset, length)
+                    self._ready.append((quick, slot))
+                    self._schedule_turn()
+                    return quick.result
         return _Operation(self, path, offset, length, None).begin()
 
     def _load_now(self, path: str, offset: int, length: int | None) -> defer.Deferred[bytes] | None:
         """``load`` without queueing, Deferred chains or a reader, where a
         place is free and the file is small and cached; None otherwise."""
-        slot = self._limiter.try_acquire()
-        if slot is None:
+        limiter = self._limiter
+        if limiter.active >= limiter.limit or limiter.waiting:
             return None
         started = perf_counter()
         try:
-            got = self._read_cached(path, offset, length)
+            got = self._read_small(path, offset, length, self.chunk_size, self._eof_probe)
         except OSError:
-            slot.release()
             self.errors += 1
             return defer.fail()
         finally:
             self._charge(perf_counter() - started)
         if got is None:
-            slot.release()
             return None
-        if isinstance(got, bytes):
-            slot.release()
+        if type(got) is bytes:
+            limiter.started += 1  # it held its place only within this call
+            self.loaded += 1
+            self.bytes += len(got)
             return defer.succeed(got)
         op = _Operation(self, path, offset, length, None)
-        op.slot = slot
-        self.open_files -= 1  # _opened counts it again
+        op.slot = limiter.try_acquire()
         op._opened(got)
         return op.result
 
     def _read_cached(self, path: str, offset: int, length: int | None) -> bytes | OpenedFile | None:
-        """The fast path for a small cached file: open, one ``RWF_NOWAIT`` read
-        of all of it, a read that confirms EOF, close — in this reactor turn,
-        with no reader registered and no thread.
-
-        Returns the bytes; or the still open file when it is not such a file
-        (the general path reads it); or None when opening could block (the
-        engine opens it in its pool).  Raises the open's ``OSError``.
-        """
-        opened = self._open_inline(path)
-        if opened is None:
-            return None
-        self.open_files += 1
-        expected = max(0, opened.size - offset)
-        if length is not None:
-            expected = min(expected, length)
-        if not opened.inline or expected > self.chunk_size:
-            return opened
-        engine = self.engine
-        obj, view = _buffers.allocate(expected)
-        try:
-            n = engine.read_inline(opened, view, offset) if expected else 0
-            if n != expected or (expected != length and
-                                 engine.read_inline(opened, self._eof_probe, offset + n) != 0):
-                return opened  # a short read, or the file grew: the general path
-        except OSError:  # not all cached (BlockingIOError), or an error the general path reports
-            return opened
-        engine.close(opened)
-        self.open_files -= 1
-        self.loaded += 1
-        self.bytes += n
-        return _buffers.finish(obj, view, n)
+        """A small cached file in this reactor turn, with no reader and no
+        thread (the engine's ``read_small``); see there for the results."""
+        got = self._read_small(path, offset, length, self.chunk_size, self._eof_probe)
+        if isinstance(got, bytes):
+            self.loaded += 1
+            self.bytes += len(got)
+        elif got is not None:
+            self.open_files += 1
+        return got
 
     def stream(self, path: Any, consumer: IConsumer, offset: int = 0,
                length: int | None = None) -> defer.Deferred[int]:
