@@ -24,6 +24,11 @@ if _ZERO_COPY:
     # ob_sval follows the header; bytes.__basicsize__ counts its 1 trailing NUL.
     _DATA_OFFSET = bytes.__basicsize__ - 1
 
+# Below this size a bytearray plus one copy is cheaper than the ctypes calls
+# (measured: 2.8 vs 4.2 µs at 16 KiB, 4.7 vs 3.2 µs at 64 KiB).  It also keeps
+# clear of sizes 0 and 1, whose bytes objects are shared singletons.
+_ZERO_COPY_MIN = 32 * 1024
+
 
 def allocate(size: int) -> tuple[bytes | bytearray, memoryview]:
     """A new buffer of ``size`` bytes and a writable byte view of it.
@@ -31,7 +36,7 @@ def allocate(size: int) -> tuple[bytes | bytearray, memoryview]:
     The first element must not be shared until it has been filled: it is
     returned as the result (``bytes`` where supported) by ``finish``.
     """
-    if _ZERO_COPY and size > 1:  # sizes 0 and 1 are shared singletons
+    if _ZERO_COPY and size >= _ZERO_COPY_MIN:
         obj = _from_size(None, size)
         array = (ctypes.c_char * size).from_address(id(obj) + _DATA_OFFSET)
         array.owner = obj  # a view (say, in a pool thread) keeps the bytes alive

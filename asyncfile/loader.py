@@ -181,7 +181,7 @@ class _QuickLoad:
             return
         loader = self.loader
         try:
-            got = loader._read_cached(self.path, self.offset, self.length)
+            got = loader._read_small(self.path, self.offset, self.length, loader.chunk_size, loader._eof_probe)
         except OSError:
             slot.release()
             loader.errors += 1
@@ -189,6 +189,8 @@ class _QuickLoad:
             return
         if type(got) is bytes:
             slot.release()
+            loader.loaded += 1
+            loader.bytes += len(got)
             result.callback(got)
             return
         # Not small and cached after all: the general path takes over.
@@ -198,7 +200,6 @@ class _QuickLoad:
         if got is None:
             op._granted(slot, opened=None)
         else:
-            loader.open_files -= 1  # _opened counts it again
             op._opened(got)
 
 

@@ -82,7 +82,7 @@ class MountTable:
         self._by_dev: dict[int, Mount] = {}
         self._by_dir: dict[str, Mount | None] = {}
         self.generation = 0  # bumped whenever the table is reread
-        self._next_check = 0.0
+        self.next_check = 0.0
         self._poller: select.poll | None = None
         self._fd = -1
         try:
@@ -121,9 +121,9 @@ class MountTable:
         """Reread the table if the kernel says it changed (checked at most
         every ``CHECK_INTERVAL`` seconds: the check is a system call)."""
         now = time.monotonic()
-        if now < self._next_check:
+        if now < self.next_check:
             return
-        self._next_check = now + CHECK_INTERVAL
+        self.next_check = now + CHECK_INTERVAL
         if self._poller is not None and self._poller.poll(0):
             self._reload()
 

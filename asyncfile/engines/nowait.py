@@ -62,12 +62,13 @@ class NowaitEngine(ThreadsEngine):
         # Cached per directory: this runs for every load, so it must cost
         # less than the open itself.
         mounts = self.mounts
-        mounts.refresh()
-        if mounts.generation != self._generation:
-            self._forget()
-        directory = path.rpartition("/")[0]
-        policy = self._by_dir.get(directory)
+        if time.monotonic() >= mounts.next_check:
+            mounts.refresh()
+            if mounts.generation != self._generation:
+                self._forget()
+        policy = self._by_dir.get(path.rpartition("/")[0])
         if policy is None:
+            directory = path.rpartition("/")[0]
             m = mounts.for_path(path)
             policy = (False, None) if m is None else (m.slow_open or m.mount_point in self._slow_points,
                                                       m.mount_point)
