@@ -293,11 +293,14 @@ async def main(reactor, args: argparse.Namespace) -> None:
         f"{run.finished_while_paused} completed " + ("(OK)" if clean else "(VIOLATED)")
     )
     print(
-        f"  {run.in_flight_at_pause} jobs were in flight at pause(): "
-        f"{run.work_fired_while_paused} work Deferreds fired during the pause, "
-        f"and their workers recorded them only after resume(); "
-        f"{run.taken_while_paused} jobs were handed by queue.get() to paused "
-        f"workers and started after resume()"
+        f"  at pause(), {run.in_flight_at_pause} jobs were started but not yet "
+        f"recorded done; the work of {run.work_fired_while_paused} of them "
+        f"finished during the pause (pause() does not cancel a Deferred "
+        f"already yielded), but their workers recorded them only after resume()"
+    )
+    print(
+        f"  {run.taken_while_paused} jobs were handed by queue.get() to paused "
+        f"workers; they started after resume()"
     )
     print(f"total time: {total_s:.3f} s")
     if not clean:
