@@ -23,16 +23,19 @@ What it shows
     ``remoteType`` names the class.  Round 3 raises ``CopyableBusy``, which is
     also ``pb.Copyable``/``pb.RemoteCopy``: it travels as a small object and
     the client catches ``Busy`` itself.  Compare the two rounds' numbers: a
-    refusal is not free in PB.  A ``CopyableFailure`` is roughly ten times as
-    many banana tokens as an int answer, so hundreds of plain refusals stall
-    the reactor (here the server and the client share one reactor, so both
-    ends of the cost show up in the accepted calls' waiting times).
+    refusal is not free in PB.  The reply carrying a ``CopyableFailure`` is 84
+    banana tokens, against 12 for ``CopyableBusy`` and 4 for an int answer,
+    and banana's decoder copies the rest of its buffer for every token.  So
+    hundreds of plain refusals stall the reactor (here the server and the
+    client share one reactor, so both ends of the cost show up in the
+    accepted calls' waiting times).
 
 Why
     A PB server "falls over" under a burst not because Twisted cannot accept
     the calls but because every call starts its work at once: hundreds of
-    ``deferToThread`` jobs (the reactor's pool has 10 threads, shared with
-    DNS), hundreds of database connections, hundreds of large buffers.
+    ``deferToThread`` jobs queued in the reactor's 10-thread pool (which DNS
+    lookups share), hundreds of database connections, hundreds of large
+    buffers.
     Limiting concurrency takes one line.  Bounding the queue in front of it is
     the part that usually gets forgotten.
 
@@ -70,8 +73,12 @@ class Busy(pb.Error):
     """Refused: too many calls are already waiting.  Try again later.
 
     Raised as is, it reaches the client as ``pb.RemoteError`` with
-    ``remoteType == "<module>.Busy"``.
+    ``remoteType == "<module>.Busy"`` and the message as its text.
     """
+
+    def __init__(self, waiting: int = 0) -> None:
+        super().__init__(f"{waiting} calls already waiting")
+        self.waiting = waiting
 
 
 class CopyableBusy(Busy, pb.Copyable, pb.RemoteCopy):
@@ -81,15 +88,11 @@ class CopyableBusy(Busy, pb.Copyable, pb.RemoteCopy):
     errback then gets a real ``CopyableBusy``, so ``except Busy`` works.
     """
 
-    def __init__(self, waiting: int = 0) -> None:
-        super().__init__(f"{waiting} calls already waiting")
-        self.waiting = waiting
-
     def getStateToCopy(self) -> dict[str, int]:
         return {"waiting": self.waiting}
 
     def setCopyableState(self, state: dict[str, int]) -> None:
-        self.__init__(state["waiting"])
+        Busy.__init__(self, state["waiting"])
 
 
 pb.setUnjellyableForClass(CopyableBusy, CopyableBusy)
@@ -138,9 +141,7 @@ class WorkRoot(pb.Root):
             and waiting >= self.max_waiting
         ):
             self.stats.refused += 1
-            if self.busy_type is CopyableBusy:
-                raise CopyableBusy(waiting)
-            raise self.busy_type(f"{waiting} calls already waiting")
+            raise self.busy_type(waiting)
         arrived = time.perf_counter()
         d = self.sem.run(self._work, n, arrived)
         self.stats.peak_waiting = max(self.stats.peak_waiting, len(self.sem.waiting))
