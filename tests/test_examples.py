@@ -1,0 +1,233 @@
+"""Run every ``examples/*.py`` as a program and check what it prints.
+
+Each example found by glob (files starting with ``_`` are helpers and are
+skipped) runs as ``python examples/NAME.py`` with the repository root as the
+working directory and on ``PYTHONPATH``, under a 60 s timeout.  It must exit 0
+and print no traceback on stderr.  That is all an example without an entry in
+``EXPECTATIONS`` has to do, so a new example is tested the moment it exists.
+
+To check an example's output, add an entry keyed by its file name::
+
+    EXPECTATIONS["file_reader.py"] = Expect(
+        stdout=(r"^read \\d+ files", r"^reactor stalls: max [\\d.]+ ms$"),
+        args=("--files", "200"),
+        checks=(my_check,),  # my_check(result) -> None, asserts on numbers
+    )
+
+``stdout`` holds regular expressions (``re.MULTILINE``: ``^``/``$`` match at
+line ends), each of which must match somewhere in stdout.  ``checks`` are
+functions for what a pattern cannot say (compare numbers, count lines).  They
+get the finished ``Run`` and raise ``AssertionError``.  Keep the patterns to
+stable key lines, not timings.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES_DIR = REPO_ROOT / "examples"
+TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def describe(self) -> str:
+        return (
+            f"examples/{self.name} exited {self.returncode}\n"
+            f"--- stdout ---\n{self.stdout[-6000:]}\n"
+            f"--- stderr ---\n{self.stderr[-6000:]}"
+        )
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What one example must print.  Every field has a default."""
+
+    stdout: tuple[str, ...] = ()  # regexes, each must match somewhere in stdout
+    args: tuple[str, ...] = ()  # extra command-line arguments
+    checks: tuple[Callable[[Run], None], ...] = ()  # extra assertions
+    exit_code: int = 0
+    stderr_clean: bool = True  # no traceback / unhandled error on stderr
+
+
+def ints(pattern: str, text: str) -> list[tuple[int, ...]]:
+    """All matches of ``pattern`` in ``text``, each as a tuple of its int groups."""
+    return [
+        tuple(int(g) for g in m.groups())
+        for m in re.finditer(pattern, text, re.MULTILINE)
+    ]
+
+
+# --- pb_semaphore_queue.py -------------------------------------------------
+
+
+def _pb_limits_held(run: Run) -> None:
+    peaks = ints(r"^peak concurrency inside the server: (\d+) \(limit (\d+)\)", run.stdout)
+    assert len(peaks) == 3, f"expected one line per round, got {peaks}"
+    for peak, limit in peaks:
+        assert 1 <= peak <= limit
+
+
+def _pb_refusals_add_up(run: Run) -> None:
+    rounds = ints(
+        r"^calls: (\d+) sent, (\d+) answered, (\d+) refused with Busy, "
+        r"(\d+) other errors, (\d+) wrong results$",
+        run.stdout,
+    )
+    assert len(rounds) == 3, rounds
+    (sent1, answered1, refused1, _, _), *bounded = rounds
+    assert answered1 == sent1 and refused1 == 0, "the plain semaphore answers all"
+    for sent, answered, refused, other, wrong in bounded:
+        assert answered + refused == sent and other == wrong == 0
+        assert refused > 0, "a burst of 300 over a bound of 50 must see refusals"
+
+
+def _pb_waiters(run: Run) -> None:
+    ((unbounded,),) = ints(r"^peak waiters, len\(sem\.waiting\): (\d+) \(no bound\)", run.stdout)
+    bounded = ints(r"^peak waiters, len\(sem\.waiting\): (\d+) \(bound (\d+)\)", run.stdout)
+    assert len(bounded) == 2
+    for peak, bound in bounded:
+        assert peak <= bound < unbounded, "the unbounded queue must grow past the bound"
+
+
+# --- deferred_queue_workers.py ---------------------------------------------
+
+
+def _queue_totals(run: Run) -> None:
+    ((produced, accepted, refused, _in_pause),) = ints(
+        r"^jobs: (\d+) produced, (\d+) accepted, (\d+) refused with QueueOverflow "
+        r"\((\d+) of them",
+        run.stdout,
+    )
+    assert accepted + refused == produced
+    assert refused > 0, "the first burst alone overflows the queue"
+    ((done, accepted2),) = ints(r"^jobs done: (\d+) of (\d+) accepted", run.stdout)
+    assert done == accepted2 == accepted
+
+
+def _queue_paused_rows_idle(run: Run) -> None:
+    rows = [
+        line.split()
+        for line in run.stdout.splitlines()
+        if re.match(r"^\s+\d+\s+\d+\s+\d+\s+\d+\s+\d+\s+\d+\s+PAUSED$", line)
+    ]
+    assert rows, "the timeline must show the paused period"
+    for _t, _accepted, _refused, started, done, _queued, _state in rows:
+        assert started == done == "0", f"work happened while paused: {rows}"
+
+
+EXPECTATIONS: dict[str, Expect] = {
+    "pb_semaphore_queue.py": Expect(
+        stdout=(
+            r"^== Round 1: DeferredSemaphore\(10\), no bound on waiters ==$",
+            r"^queueing delay ms in the server, \d+ accepted calls: min [\d.]+ / "
+            r"median [\d.]+ / p90 [\d.]+ / max [\d.]+$",
+            r"^client latency ms, Busy: +min [\d.]+",
+            r"^total time: [\d.]+ s for \d+ answers",
+            r"^Trade-off:$",
+        ),
+        checks=(_pb_limits_held, _pb_refusals_add_up, _pb_waiters),
+    ),
+    "deferred_queue_workers.py": Expect(
+        stdout=(
+            r"^\s+t ms\s+accepted\s+refused\s+started\s+done\s+in queue\s+workers$",
+            r"pause\(\) at \d+ ms$",
+            r"resume\(\) at \d+ ms$",
+            r"^pause: 4 worker tasks paused for [\d.]+ ms; while paused "
+            r"0 jobs started and 0 completed \(OK\)$",
+            r"^time in queue ms: min [\d.]+ / median [\d.]+ / max [\d.]+; "
+            r"most jobs queued at once: \d+ \(size 20\)$",
+            r"^total time: [\d.]+ s$",
+        ),
+        checks=(_queue_totals, _queue_paused_rows_idle),
+    ),
+}
+
+
+def discover() -> list[str]:
+    return sorted(
+        p.name for p in EXAMPLES_DIR.glob("*.py") if not p.name.startswith("_")
+    )
+
+
+def run_example(name: str, args: tuple[str, ...] = ()) -> Run:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    env["PYTHONUNBUFFERED"] = "1"  # keep the output of an example that hangs
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLES_DIR / name), *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # Its own process group, so a timeout also ends any child it started.
+        start_new_session=(os.name == "posix"),
+    )
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        if os.name == "posix":
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(
+            f"timed out after {TIMEOUT_S} s\n"
+            + Run(name, proc.returncode, out, err).describe()
+        )
+    return Run(name, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("name", discover())
+def test_example_runs(name: str) -> None:
+    expect = EXPECTATIONS.get(name, Expect())
+    run = run_example(name, expect.args)
+
+    assert run.returncode == expect.exit_code, run.describe()
+    if expect.stderr_clean:
+        for marker in ("Traceback (most recent call last)", "Unhandled error"):
+            assert marker not in run.stderr, f"{marker!r} on stderr\n{run.describe()}"
+    for pattern in expect.stdout:
+        assert re.search(pattern, run.stdout, re.MULTILINE), (
+            f"no line matches {pattern!r}\n{run.describe()}"
+        )
+    for check in expect.checks:
+        try:
+            check(run)
+        except AssertionError as e:
+            raise AssertionError(f"{check.__name__}: {e}\n{run.describe()}") from e
+
+
+@pytest.mark.parametrize("name", discover())
+def test_example_has_header_docstring(name: str) -> None:
+    source = (EXAMPLES_DIR / name).read_text(encoding="utf-8")
+    doc = ast.get_docstring(ast.parse(source, filename=name))
+    assert doc and len(doc.splitlines()) >= 3, (
+        f"examples/{name} must start with a docstring saying what it shows, "
+        f"why, and when to choose it"
+    )
+
+
+def test_expectations_name_existing_examples() -> None:
+    stale = sorted(set(EXPECTATIONS) - set(discover()))
+    assert not stale, f"EXPECTATIONS entries without an example file: {stale}"
