@@ -6,11 +6,13 @@
 
 from .errors import ConsumerStopped, NotRegularFile, Overloaded
 from .limiter import Limiter, Slot
+from .interfaces import IFileLoader
 from .loader import FileLoader, default_loader, read_file
 from .reader import FileReader
 
 __all__ = [
     "FileLoader",
+    "IFileLoader",
     "FileReader",
     "Limiter",
     "Slot",

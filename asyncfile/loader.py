@@ -10,10 +10,12 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IConsumer
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .engines import IOPool, make_engine
 from .engines.base import IFileEngine, OpenedFile
 from . import _buffers
+from .interfaces import IFileLoader
 from .limiter import Limiter, Slot
 from .reader import BufferSink, ConsumerSink, FileReader
 
@@ -210,6 +212,7 @@ def _check_range(offset: int, length: int | None) -> None:
         raise ValueError(f"length must be None or a non-negative int, not {length!r}")
 
 
+@implementer(IFileLoader)
 class FileLoader:
     """Loads files without blocking the reactor, with bounded descriptors and waiters.
 
