@@ -100,7 +100,8 @@ async def test_slow_open_runs_off_the_reactor_and_can_be_cancelled(make_loader, 
         await d
     await task.deferLater(reactor, 0.3, lambda: None)  # the open finishes; its fd is closed
     probe.stop()
-    assert probe.worst <= 0.010
+    # An open in the reactor thread would stall it for the whole 200 ms.
+    assert probe.worst < 0.05, f"the reactor was late by {probe.worst * 1000:.1f} ms"
     assert open_fds() <= before
     assert loader.stats()["active"] == 0
 
