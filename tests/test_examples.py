@@ -132,6 +132,47 @@ def _queue_paused_rows_idle(run: Run) -> None:
         assert started == done == "0", f"work happened while paused: {rows}"
 
 
+# --- light_heavy_split.py --------------------------------------------------
+
+_LHS_HEAVY = r"^heavy: (\d+) requests, (\d+) OK, (\d+) wrong, (\d+) failed; "
+_LHS_LIGHT = r"^light: (\d+) pings, (\d+) answered, (\d+) wrong; "
+_LHS_POOL = r"^thread pool: (\d+) threads, (\d+) jobs, at most (\d+) busy and (\d+) queued"
+_LHS_LOADER = (
+    r"^loader: engine \w+, (\d+) loaded, (\d+) errors; reads (\d+) inline / (\d+) in the pool; "
+    r"opens (\d+) inline / (\d+) in the pool; (\d+) EAGAIN fallbacks; peak open (\d+) "
+    r"\(max_open (\d+)\), peak waiting (\d+) \(max_waiting (\d+)\)$"
+)
+
+
+def _lhs_all_answered(run: Run, heavy: int, phases: int) -> None:
+    rows = ints(_LHS_HEAVY, run.stdout)
+    assert len(rows) == phases, rows
+    for sent, ok, wrong, failed in rows:
+        assert sent == ok == heavy and wrong == failed == 0
+    pings = ints(_LHS_LIGHT, run.stdout)
+    assert len(pings) == phases + 1, "a baseline plus one line per variant"
+    for sent, answered, wrong in pings:
+        assert sent == answered > 0 and wrong == 0
+
+
+def _lhs_bounds(run: Run, heavy: int, phases: int) -> None:
+    pools = ints(_LHS_POOL, run.stdout)
+    assert len(pools) == phases // 2, pools
+    for threads, jobs, busy, _queued in pools:
+        assert jobs == heavy and 1 <= busy <= threads
+    loaders = ints(_LHS_LOADER, run.stdout)
+    assert len(loaders) == phases // 2, loaders
+    for loaded, errors, r_in, r_pool, o_in, o_pool, _, peak, max_open, waiting, max_waiting in loaders:
+        assert loaded == heavy and errors == 0
+        assert r_in + r_pool >= loaded and o_in + o_pool == loaded
+        assert 1 <= peak <= max_open and waiting <= max_waiting
+
+
+def _lhs_default_run(run: Run) -> None:
+    _lhs_all_answered(run, 200, 2)
+    _lhs_bounds(run, 200, 2)
+
+
 EXPECTATIONS: dict[str, Expect] = {
     "pb_semaphore_queue.py": Expect(
         stdout=(
@@ -156,6 +197,20 @@ EXPECTATIONS: dict[str, Expect] = {
             r"^total time: [\d.]+ s$",
         ),
         checks=(_queue_totals, _queue_paused_rows_idle),
+    ),
+    "light_heavy_split.py": Expect(
+        stdout=(
+            r"^300 files of 16-256 KiB \([\d.]+ MiB\) written to a temp dir and read once",
+            r"^== baseline: pings only, no heavy requests ==$",
+            r"^== \(a\) deferToThreadPool, dedicated ThreadPool\(16\) doing open\(\)\+read\(\) ==$",
+            r"^== \(b\) FileLoader\(max_open=64, io_threads=16\)\.load ==$",
+            r"^light: \d+ pings, .*; latency ms p50 [\d.]+ / p99 [\d.]+ / max [\d.]+$",
+            r"^reactor stall: worst [\d.]+ ms over [\d.]+ s \(1 ms LoopingCall probe\)$",
+            r"^slow storage: not run \(pass --slow",
+            r"^== summary ==$",
+            r"^\(b\) FileLoader +\d+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+$",
+        ),
+        checks=(_lhs_default_run,),
     ),
 }
 
@@ -231,3 +286,28 @@ def test_example_has_header_docstring(name: str) -> None:
 def test_expectations_name_existing_examples() -> None:
     stale = sorted(set(EXPECTATIONS) - set(discover()))
     assert not stale, f"EXPECTATIONS entries without an example file: {stale}"
+
+
+def test_light_heavy_split_on_slowfs() -> None:
+    """``--slow``: both variants again behind a FUSE mount, where every read
+    and open of the loader goes to its pool."""
+    from asyncfile.testing.slowfs import fuse_unavailable_reason
+
+    reason = fuse_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    run = run_example("light_heavy_split.py", ("--slow", "--heavy", "64", "--files", "64"))
+    assert run.returncode == 0, run.describe()
+    assert "Traceback (most recent call last)" not in run.stderr, run.describe()
+    try:
+        _lhs_all_answered(run, 64, 4)
+        _lhs_bounds(run, 64, 4)
+        *_, slow = ints(_LHS_LOADER, run.stdout)
+        loaded, _, r_in, r_pool, o_in, o_pool = slow[:6]
+        assert r_in == o_in == 0 and r_pool >= loaded and o_pool == loaded, slow
+        reads = [float(m) for m in re.findall(
+            r"^SlowFS: \d+ read calls reached the daemon, ([\d.]+) per request$",
+            run.stdout, re.MULTILINE)]
+        assert len(reads) == 2 and all(r >= 1 for r in reads), reads
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{run.describe()}") from e
