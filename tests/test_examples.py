@@ -173,6 +173,63 @@ def _lhs_default_run(run: Run) -> None:
     _lhs_bounds(run, 200, 2)
 
 
+# --- file_reader.py --------------------------------------------------------
+
+_FR_BY_HAND = re.compile(
+    r"^(\S+) +(\d+) B +(\d+) chunks \((\d+) data \+ EOF\): (.+?) +-> \w+ \d+x\d+ \w+ in [\d.]+ ms$",
+    re.MULTILINE,
+)
+_FR_LOADED = re.compile(r"^(\S+) +(\d+) B  -> \w+ \d+x\d+ \w+ in [\d.]+ ms$", re.MULTILINE)
+
+
+def _fr_reads_add_up(run: Run) -> None:
+    ((count,),) = ints(r"^images: (\d+) ", run.stdout)
+    by_hand = _FR_BY_HAND.findall(run.stdout)
+    assert len(by_hand) == count >= 1, by_hand
+    total_chunks = 0
+    for _name, size, chunks, data, trail in by_hand:
+        size, chunks, data = int(size), int(chunks), int(data)
+        assert data == -(-size // (16 * 1024)) and chunks == data + 1, "one chunk per 16 KiB, then EOF"
+        steps = [int(n) for n in re.findall(r" x(\d+)", trail)]
+        assert sum(steps) == chunks, f"the trail {trail!r} must account for every chunk"
+        total_chunks += chunks
+    ((inline, pool, _eagain, registered, readers),) = ints(
+        r"^engine: reads (\d+) inline / (\d+) in the pool, (\d+) EAGAIN fallbacks; "
+        r"readers found in reactor.getReaders\(\) by their doRead: (\d+) of (\d+)$",
+        run.stdout,
+    )
+    assert inline + pool == total_chunks and readers == count
+    loaded = _FR_LOADED.findall(run.stdout)
+    assert sorted(loaded) == sorted((name, size) for name, size, *_ in by_hand)
+
+
+def _fr_decodes_bounded(run: Run) -> None:
+    ((started, peak, limit, threads),) = ints(
+        r"^decodes: (\d+) run, peak in flight (\d+) \(limit (\d+), (\d+) pool threads\) OK$",
+        run.stdout,
+    )
+    ((count,),) = ints(r"^images: (\d+) ", run.stdout)
+    assert started == 2 * count and 1 <= peak <= limit < threads
+    ((active, _waiting, in_reactor),) = ints(
+        r"^limiter: peak active (\d+), peak waiting (\d+); decodes run in the reactor thread: (\d+)$",
+        run.stdout,
+    )
+    assert active <= limit and in_reactor == 0
+
+
+_FR_STDOUT = (
+    r"^  epoll.register\(fd\): refused with EPERM; Twisted then polls it in every reactor iteration$",
+    r"^  select\(\), at end of file: readable$",
+    r"^== part 1: by hand, engine.open -> FileReader\(\.\.\.\)\.start\(inline_steps=0\), "
+    r"engine \w+, 16 KiB chunks ==$",
+    r"^== part 2: the one-liner, FileLoader\(chunk_size=16 KiB\)\.load\(path\)\.addCallback\(decode\) ==$",
+    r"^loader: \d+ loaded, 0 errors; reads \d+ inline / \d+ in the pool; peak open \d+ \(max_open 64\)$",
+    r"^descriptors still open: 0$",
+    r"^reactor stall: worst [\d.]+ ms over [\d.]+ s \(1 ms LoopingCall probe\): "
+    r"[\d.]+ ms while no decode ran, [\d.]+ ms while one did$",
+)
+
+
 EXPECTATIONS: dict[str, Expect] = {
     "pb_semaphore_queue.py": Expect(
         stdout=(
@@ -211,6 +268,14 @@ EXPECTATIONS: dict[str, Expect] = {
             r"^\(b\) FileLoader +\d+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+$",
         ),
         checks=(_lhs_default_run,),
+    ),
+    "file_reader.py": Expect(
+        stdout=(
+            r"^images: \d+ (built-in sample images from imgserver/samples/"
+            r"|images generated with Pillow in a temp dir)",
+            *_FR_STDOUT,
+        ),
+        checks=(_fr_reads_add_up, _fr_decodes_bounded),
     ),
 }
 
@@ -309,5 +374,20 @@ def test_light_heavy_split_on_slowfs() -> None:
             r"^SlowFS: \d+ read calls reached the daemon, ([\d.]+) per request$",
             run.stdout, re.MULTILINE)]
         assert len(reads) == 2 and all(r >= 1 for r in reads), reads
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{run.describe()}") from e
+
+
+def test_file_reader_generated_images() -> None:
+    """``--generate``: the images Pillow draws when imgserver/samples/ has none
+    (the default run uses the samples once they exist)."""
+    run = run_example("file_reader.py", ("--generate",))
+    assert run.returncode == 0, run.describe()
+    assert "Traceback (most recent call last)" not in run.stderr, run.describe()
+    for pattern in (r"^images: 4 images generated with Pillow in a temp dir \(--generate\)$", *_FR_STDOUT):
+        assert re.search(pattern, run.stdout, re.MULTILINE), f"no line matches {pattern!r}\n{run.describe()}"
+    try:
+        _fr_reads_add_up(run)
+        _fr_decodes_bounded(run)
     except AssertionError as e:
         raise AssertionError(f"{e}\n{run.describe()}") from e
