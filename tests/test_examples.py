@@ -318,9 +318,8 @@ def run_example(name: str, args: tuple[str, ...] = ()) -> Run:
     return Run(name, proc.returncode, out, err)
 
 
-@pytest.mark.parametrize("name", discover())
-def test_example_runs(name: str) -> None:
-    expect = EXPECTATIONS.get(name, Expect())
+def check_run(name: str, expect: Expect) -> None:
+    """Run ``examples/NAME`` with ``expect.args`` and check it against ``expect``."""
     run = run_example(name, expect.args)
 
     assert run.returncode == expect.exit_code, run.describe()
@@ -339,6 +338,11 @@ def test_example_runs(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", discover())
+def test_example_runs(name: str) -> None:
+    check_run(name, EXPECTATIONS.get(name, Expect()))
+
+
+@pytest.mark.parametrize("name", discover())
 def test_example_has_header_docstring(name: str) -> None:
     source = (EXAMPLES_DIR / name).read_text(encoding="utf-8")
     doc = ast.get_docstring(ast.parse(source, filename=name))
@@ -353,6 +357,18 @@ def test_expectations_name_existing_examples() -> None:
     assert not stale, f"EXPECTATIONS entries without an example file: {stale}"
 
 
+def _lhs_slow_run(run: Run) -> None:
+    _lhs_all_answered(run, 64, 4)
+    _lhs_bounds(run, 64, 4)
+    *_, slow = ints(_LHS_LOADER, run.stdout)
+    loaded, _, r_in, r_pool, o_in, o_pool = slow[:6]
+    assert r_in == o_in == 0 and r_pool >= loaded and o_pool == loaded, slow
+    reads = [float(m) for m in re.findall(
+        r"^SlowFS: \d+ read calls reached the daemon, ([\d.]+) per request$",
+        run.stdout, re.MULTILINE)]
+    assert len(reads) == 2 and all(r >= 1 for r in reads), reads
+
+
 def test_light_heavy_split_on_slowfs() -> None:
     """``--slow``: both variants again behind a FUSE mount, where every read
     and open of the loader goes to its pool."""
@@ -361,33 +377,18 @@ def test_light_heavy_split_on_slowfs() -> None:
     reason = fuse_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    run = run_example("light_heavy_split.py", ("--slow", "--heavy", "64", "--files", "64"))
-    assert run.returncode == 0, run.describe()
-    assert "Traceback (most recent call last)" not in run.stderr, run.describe()
-    try:
-        _lhs_all_answered(run, 64, 4)
-        _lhs_bounds(run, 64, 4)
-        *_, slow = ints(_LHS_LOADER, run.stdout)
-        loaded, _, r_in, r_pool, o_in, o_pool = slow[:6]
-        assert r_in == o_in == 0 and r_pool >= loaded and o_pool == loaded, slow
-        reads = [float(m) for m in re.findall(
-            r"^SlowFS: \d+ read calls reached the daemon, ([\d.]+) per request$",
-            run.stdout, re.MULTILINE)]
-        assert len(reads) == 2 and all(r >= 1 for r in reads), reads
-    except AssertionError as e:
-        raise AssertionError(f"{e}\n{run.describe()}") from e
+    check_run("light_heavy_split.py", Expect(
+        args=("--slow", "--heavy", "64", "--files", "64"),
+        stdout=(r"^slow storage: the same files behind SlowFS",),
+        checks=(_lhs_slow_run,),
+    ))
 
 
 def test_file_reader_generated_images() -> None:
     """``--generate``: the images Pillow draws when imgserver/samples/ has none
     (the default run uses the samples once they exist)."""
-    run = run_example("file_reader.py", ("--generate",))
-    assert run.returncode == 0, run.describe()
-    assert "Traceback (most recent call last)" not in run.stderr, run.describe()
-    for pattern in (r"^images: 4 images generated with Pillow in a temp dir \(--generate\)$", *_FR_STDOUT):
-        assert re.search(pattern, run.stdout, re.MULTILINE), f"no line matches {pattern!r}\n{run.describe()}"
-    try:
-        _fr_reads_add_up(run)
-        _fr_decodes_bounded(run)
-    except AssertionError as e:
-        raise AssertionError(f"{e}\n{run.describe()}") from e
+    check_run("file_reader.py", Expect(
+        args=("--generate",),
+        stdout=(r"^images: 4 images generated with Pillow in a temp dir \(--generate\)$", *_FR_STDOUT),
+        checks=(_fr_reads_add_up, _fr_decodes_bounded),
+    ))
