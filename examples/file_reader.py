@@ -351,6 +351,7 @@ class StallProbe:
 
     def stop(self) -> None:
         self._loop.stop()
+        self._tick()  # the last interval counts too, even if nothing ran in it
 
 
 async def main(reactor, args: argparse.Namespace) -> None:

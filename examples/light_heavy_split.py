@@ -191,7 +191,6 @@ class StallProbe:
     """A 1 ms ``LoopingCall`` that records how late each call was."""
 
     def __init__(self, reactor, interval: float = 0.001) -> None:
-        self.reactor = reactor
         self.interval = interval
         self.worst = 0.0
         self._last = 0.0
@@ -210,6 +209,7 @@ class StallProbe:
 
     def stop(self) -> float:
         self._loop.stop()
+        self._tick()  # the last interval counts too, even if nothing ran in it
         return self.worst
 
 
