@@ -132,6 +132,104 @@ def _queue_paused_rows_idle(run: Run) -> None:
         assert started == done == "0", f"work happened while paused: {rows}"
 
 
+# --- light_heavy_split.py --------------------------------------------------
+
+_LHS_HEAVY = r"^heavy: (\d+) requests, (\d+) OK, (\d+) wrong, (\d+) failed; "
+_LHS_LIGHT = r"^light: (\d+) pings, (\d+) answered, (\d+) wrong; "
+_LHS_POOL = r"^thread pool: (\d+) threads, (\d+) jobs, at most (\d+) busy and (\d+) queued"
+_LHS_LOADER = (
+    r"^loader: engine \w+, (\d+) loaded, (\d+) errors; reads (\d+) inline / (\d+) in the pool; "
+    r"opens (\d+) inline / (\d+) in the pool; (\d+) EAGAIN fallbacks; peak open (\d+) "
+    r"\(max_open (\d+)\), peak waiting (\d+) \(max_waiting (\d+)\)$"
+)
+
+
+def _lhs_all_answered(run: Run, heavy: int, phases: int) -> None:
+    rows = ints(_LHS_HEAVY, run.stdout)
+    assert len(rows) == phases, rows
+    for sent, ok, wrong, failed in rows:
+        assert sent == ok == heavy and wrong == failed == 0
+    pings = ints(_LHS_LIGHT, run.stdout)
+    assert len(pings) == phases + 1, "a baseline plus one line per variant"
+    for sent, answered, wrong in pings:
+        assert sent == answered > 0 and wrong == 0
+
+
+def _lhs_bounds(run: Run, heavy: int, phases: int) -> None:
+    pools = ints(_LHS_POOL, run.stdout)
+    assert len(pools) == phases // 2, pools
+    for threads, jobs, busy, _queued in pools:
+        assert jobs == heavy and 1 <= busy <= threads
+    loaders = ints(_LHS_LOADER, run.stdout)
+    assert len(loaders) == phases // 2, loaders
+    for loaded, errors, r_in, r_pool, o_in, o_pool, _, peak, max_open, waiting, max_waiting in loaders:
+        assert loaded == heavy and errors == 0
+        assert r_in + r_pool >= loaded and o_in + o_pool == loaded
+        assert 1 <= peak <= max_open and waiting <= max_waiting
+
+
+def _lhs_default_run(run: Run) -> None:
+    _lhs_all_answered(run, 200, 2)
+    _lhs_bounds(run, 200, 2)
+
+
+# --- file_reader.py --------------------------------------------------------
+
+_FR_BY_HAND = re.compile(
+    r"^(\S+) +(\d+) B +(\d+) chunks \((\d+) data \+ EOF\): (.+?) +-> \w+ \d+x\d+ \w+ in [\d.]+ ms$",
+    re.MULTILINE,
+)
+_FR_LOADED = re.compile(r"^(\S+) +(\d+) B  -> \w+ \d+x\d+ \w+ in [\d.]+ ms$", re.MULTILINE)
+
+
+def _fr_reads_add_up(run: Run) -> None:
+    ((count,),) = ints(r"^images: (\d+) ", run.stdout)
+    by_hand = _FR_BY_HAND.findall(run.stdout)
+    assert len(by_hand) == count >= 1, by_hand
+    total_chunks = 0
+    for _name, size, chunks, data, trail in by_hand:
+        size, chunks, data = int(size), int(chunks), int(data)
+        assert data == -(-size // (16 * 1024)) and chunks == data + 1, "one chunk per 16 KiB, then EOF"
+        steps = [int(n) for n in re.findall(r" x(\d+)", trail)]
+        assert sum(steps) == chunks, f"the trail {trail!r} must account for every chunk"
+        total_chunks += chunks
+    ((inline, pool, _eagain, registered, readers),) = ints(
+        r"^engine: reads (\d+) inline / (\d+) in the pool, (\d+) EAGAIN fallbacks; "
+        r"readers found in reactor.getReaders\(\) by their doRead: (\d+) of (\d+)$",
+        run.stdout,
+    )
+    assert inline + pool == total_chunks and readers == count
+    loaded = _FR_LOADED.findall(run.stdout)
+    assert sorted(loaded) == sorted((name, size) for name, size, *_ in by_hand)
+
+
+def _fr_decodes_bounded(run: Run) -> None:
+    ((started, peak, limit, threads),) = ints(
+        r"^decodes: (\d+) run, peak in flight (\d+) \(limit (\d+), (\d+) pool threads\) OK$",
+        run.stdout,
+    )
+    ((count,),) = ints(r"^images: (\d+) ", run.stdout)
+    assert started == 2 * count and 1 <= peak <= limit < threads
+    ((active, _waiting, in_reactor),) = ints(
+        r"^limiter: peak active (\d+), peak waiting (\d+); decodes run in the reactor thread: (\d+)$",
+        run.stdout,
+    )
+    assert active <= limit and in_reactor == 0
+
+
+_FR_STDOUT = (
+    r"^  epoll.register\(fd\): refused with EPERM; Twisted then polls it in every reactor iteration$",
+    r"^  select\(\), at end of file: readable$",
+    r"^== part 1: by hand, engine.open -> FileReader\(\.\.\.\)\.start\(inline_steps=0\), "
+    r"engine \w+, 16 KiB chunks ==$",
+    r"^== part 2: the one-liner, FileLoader\(chunk_size=16 KiB\)\.load\(path\)\.addCallback\(decode\) ==$",
+    r"^loader: \d+ loaded, 0 errors; reads \d+ inline / \d+ in the pool; peak open \d+ \(max_open 64\)$",
+    r"^descriptors still open: 0$",
+    r"^reactor stall: worst [\d.]+ ms over [\d.]+ s \(1 ms LoopingCall probe\): "
+    r"[\d.]+ ms while no decode ran, [\d.]+ ms while one did$",
+)
+
+
 EXPECTATIONS: dict[str, Expect] = {
     "pb_semaphore_queue.py": Expect(
         stdout=(
@@ -156,6 +254,28 @@ EXPECTATIONS: dict[str, Expect] = {
             r"^total time: [\d.]+ s$",
         ),
         checks=(_queue_totals, _queue_paused_rows_idle),
+    ),
+    "light_heavy_split.py": Expect(
+        stdout=(
+            r"^300 files of 16-256 KiB \([\d.]+ MiB\) written to a temp dir and read once",
+            r"^== baseline: pings only, no heavy requests ==$",
+            r"^== \(a\) deferToThreadPool, dedicated ThreadPool\(16\) doing open\(\)\+read\(\) ==$",
+            r"^== \(b\) FileLoader\(max_open=64, io_threads=16\)\.load ==$",
+            r"^light: \d+ pings, .*; latency ms p50 [\d.]+ / p99 [\d.]+ / max [\d.]+$",
+            r"^reactor stall: worst [\d.]+ ms over [\d.]+ s \(1 ms LoopingCall probe\)$",
+            r"^slow storage: not run \(pass --slow",
+            r"^== summary ==$",
+            r"^\(b\) FileLoader +\d+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+$",
+        ),
+        checks=(_lhs_default_run,),
+    ),
+    "file_reader.py": Expect(
+        stdout=(
+            r"^images: \d+ (built-in sample images from imgserver/samples/"
+            r"|images generated with Pillow in a temp dir)",
+            *_FR_STDOUT,
+        ),
+        checks=(_fr_reads_add_up, _fr_decodes_bounded),
     ),
 }
 
@@ -198,9 +318,8 @@ def run_example(name: str, args: tuple[str, ...] = ()) -> Run:
     return Run(name, proc.returncode, out, err)
 
 
-@pytest.mark.parametrize("name", discover())
-def test_example_runs(name: str) -> None:
-    expect = EXPECTATIONS.get(name, Expect())
+def check_run(name: str, expect: Expect) -> None:
+    """Run ``examples/NAME`` with ``expect.args`` and check it against ``expect``."""
     run = run_example(name, expect.args)
 
     assert run.returncode == expect.exit_code, run.describe()
@@ -219,6 +338,11 @@ def test_example_runs(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", discover())
+def test_example_runs(name: str) -> None:
+    check_run(name, EXPECTATIONS.get(name, Expect()))
+
+
+@pytest.mark.parametrize("name", discover())
 def test_example_has_header_docstring(name: str) -> None:
     source = (EXAMPLES_DIR / name).read_text(encoding="utf-8")
     doc = ast.get_docstring(ast.parse(source, filename=name))
@@ -231,3 +355,40 @@ def test_example_has_header_docstring(name: str) -> None:
 def test_expectations_name_existing_examples() -> None:
     stale = sorted(set(EXPECTATIONS) - set(discover()))
     assert not stale, f"EXPECTATIONS entries without an example file: {stale}"
+
+
+def _lhs_slow_run(run: Run) -> None:
+    _lhs_all_answered(run, 64, 4)
+    _lhs_bounds(run, 64, 4)
+    *_, slow = ints(_LHS_LOADER, run.stdout)
+    loaded, _, r_in, r_pool, o_in, o_pool = slow[:6]
+    assert r_in == o_in == 0 and r_pool >= loaded and o_pool == loaded, slow
+    reads = [float(m) for m in re.findall(
+        r"^SlowFS: \d+ read calls reached the daemon, ([\d.]+) per request$",
+        run.stdout, re.MULTILINE)]
+    assert len(reads) == 2 and all(r >= 1 for r in reads), reads
+
+
+def test_light_heavy_split_on_slowfs() -> None:
+    """``--slow``: both variants again behind a FUSE mount, where every read
+    and open of the loader goes to its pool."""
+    from asyncfile.testing.slowfs import fuse_unavailable_reason
+
+    reason = fuse_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    check_run("light_heavy_split.py", Expect(
+        args=("--slow", "--heavy", "64", "--files", "64"),
+        stdout=(r"^slow storage: the same files behind SlowFS",),
+        checks=(_lhs_slow_run,),
+    ))
+
+
+def test_file_reader_generated_images() -> None:
+    """``--generate``: the images Pillow draws when imgserver/samples/ has none
+    (the default run uses the samples once they exist)."""
+    check_run("file_reader.py", Expect(
+        args=("--generate",),
+        stdout=(r"^images: 4 images generated with Pillow in a temp dir \(--generate\)$", *_FR_STDOUT),
+        checks=(_fr_reads_add_up, _fr_decodes_bounded),
+    ))
