@@ -233,7 +233,9 @@ def info(data: bytes) -> dict[str, object]:
     what transforms produce.  ``orientation`` (1 = none) tells clients the
     stored pixels are rotated or flipped.  Header only; no pixel limit (a
     size is worth reporting even when the image is too large to transform),
-    apart from Pillow's own bomb error far above it.
+    apart from Pillow's own bomb error far above it.  A PNG whose ``eXIf``
+    chunk comes after the pixel data reports orientation 1 here (finding it
+    would mean decoding); :func:`transform` still applies it.
     """
     image = probe(data, max_pixels=None)
     width, height = image.display_size
@@ -463,13 +465,16 @@ def _load(im: Image.Image) -> None:
 
 
 def _apply_orientation(im: Image.Image, orientation: int) -> Image.Image:
-    """Rotate/flip upright (``ImageOps.exif_transpose``), tolerating odd EXIF."""
+    """Rotate/flip upright (``ImageOps.exif_transpose``), tolerating odd EXIF.
+
+    Not in place: if rewriting a malformed EXIF block fails half-way, ``im``
+    is untouched and we transpose by the tag we read instead.
+    """
     if orientation == 1:
-        return im
+        return im  # exif_transpose would return a needless copy
     try:
-        ImageOps.exif_transpose(im, in_place=True)
-        return im
-    except Exception:  # EXIF it cannot rewrite: transpose by the tag we read
+        return ImageOps.exif_transpose(im)
+    except Exception:
         return im.transpose(_TRANSPOSE[orientation])
 
 

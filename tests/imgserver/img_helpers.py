@@ -57,3 +57,17 @@ def with_orientation(im: Image.Image, fmt: str, orientation: int, **params) -> b
     exif = Image.Exif()
     exif[0x0112] = orientation
     return encode(im, fmt, exif=exif, **params)
+
+
+def png_with_late_exif(im: Image.Image, orientation: int) -> bytes:
+    """A PNG whose eXIf chunk comes after the pixel data (allowed by the spec)."""
+    data = with_orientation(im, "PNG", orientation)
+    signature, pos, chunks = data[:8], 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        chunks.append(data[pos : pos + 12 + length])
+        pos += 12 + length
+    exif = [c for c in chunks if c[4:8] == b"eXIf"]
+    rest = [c for c in chunks if c[4:8] != b"eXIf"]
+    assert len(exif) == 1
+    return signature + b"".join(rest[:-1] + exif + rest[-1:])  # just before IEND

@@ -5,7 +5,15 @@ import time
 import warnings
 
 import pytest
-from img_helpers import encode, halves, jpeg_claiming, noisy, png_claiming, with_orientation
+from img_helpers import (
+    encode,
+    halves,
+    jpeg_claiming,
+    noisy,
+    png_claiming,
+    png_with_late_exif,
+    with_orientation,
+)
 from PIL import Image, ImageChops, ImageCms, ImageFile, ImageStat
 from PIL.JpegImagePlugin import JpegImageFile
 
@@ -263,6 +271,26 @@ def test_large_rotated_jpeg_uses_draft_on_the_right_axes():
     assert (result.width, result.height) == (100, 100)
     result = transform(data, TransformSpec(width=100), MAX)
     assert (result.width, result.height) == (100, 200)
+
+
+def test_png_exif_after_the_pixel_data_is_applied():
+    data = png_with_late_exif(halves((200, 100)), 6)
+    assert probe(data).orientation == 1  # not visible from the header
+    result = transform(data, TransformSpec(width=50), MAX)
+    assert (result.width, result.height) == (50, 100)
+    top = decode(result).convert("RGB").getpixel((25, 10))
+    assert top[0] > 200 and top[2] < 60
+
+
+def test_orientation_applied_even_if_exif_cannot_be_rewritten(monkeypatch):
+    from PIL import ImageOps
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad EXIF")))
+    data = with_orientation(halves((200, 100)), "JPEG", 6)
+    result = transform(data, TransformSpec(format="png"), MAX)
+    assert (result.width, result.height) == (100, 200)
+    top = decode(result).convert("RGB").getpixel((50, 20))
+    assert top[0] > 200 and top[2] < 60
 
 
 def test_garbage_orientation_is_ignored():
