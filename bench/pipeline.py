@@ -59,6 +59,7 @@ def _system_idle() -> tuple[int, int] | None:
         return None
     return values[3] + values[4], sum(values)
 
+
 _ENCODERS = {"memfd": processing._encode_to_fd, "bytesio": processing._encode_to_bytesio}
 
 
@@ -138,7 +139,9 @@ def raw_pipeline_rate(
     return _run_threads(work, threads, seconds)
 
 
-def encode_rate(image: Image.Image, threads: int, seconds: float, encoder: str, quality: int = 80) -> float:
+def encode_rate(
+    image: Image.Image, threads: int, seconds: float, encoder: str, quality: int = 80
+) -> float:
     """Images/s of encoding ``image`` as JPEG at ``quality`` with ``encoder``."""
     encode = _ENCODERS[encoder]
     params = {"quality": quality, "optimize": False, "progressive": False}
@@ -155,17 +158,23 @@ def _load() -> str:
 
 def corpus_files(corpus: str, extensions: tuple[str, ...]) -> list[str]:
     return sorted(
-        p for p in glob.glob(os.path.join(corpus, "*")) if p.lower().endswith(extensions) and os.path.isfile(p)
+        p
+        for p in glob.glob(os.path.join(corpus, "*"))
+        if p.lower().endswith(extensions) and os.path.isfile(p)
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("corpus", help="directory of JPEG/PNG/WebP images")
-    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement (default 5)")
+    parser.add_argument(
+        "--seconds", type=float, default=5.0, help="seconds per measurement (default 5)"
+    )
     parser.add_argument("--threads", default="1,2", help="thread counts to compare (default 1,2)")
     parser.add_argument(
-        "--repeat", type=int, default=3,
+        "--repeat",
+        type=int,
+        default=3,
         help="measure each cell this many times, interleaved, and keep the best (default 3)",
     )
     args = parser.parse_args(argv)
@@ -192,20 +201,41 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     wide = TransformSpec(width=1920, fit="clip", format="jpeg", quality=80)
     rows: list[tuple[str, str, Callable[[int], float]]] = [
-        ("transform JPEG -> 256x256 crop q80", "memfd",
-         lambda t: raw_pipeline_rate(jpegs, t, args.seconds)),
-        ("transform JPEG -> 256x256 crop q80", "BytesIO",
-         lambda t: raw_pipeline_rate(jpegs, t, args.seconds, encoder="bytesio")),
-        ("transform JPEG -> w=1920 q80", "memfd",
-         lambda t: raw_pipeline_rate(jpegs, t, args.seconds, wide)),
-        ("transform JPEG -> w=1920 q80", "BytesIO",
-         lambda t: raw_pipeline_rate(jpegs, t, args.seconds, wide, encoder="bytesio")),
-        (f"encode only {big.size[0]}x{big.size[1]} -> JPEG q80", "memfd",
-         lambda t: encode_rate(big, t, args.seconds, "memfd")),
-        (f"encode only {big.size[0]}x{big.size[1]} -> JPEG q80", "BytesIO",
-         lambda t: encode_rate(big, t, args.seconds, "bytesio")),
-        ("transform all formats -> 256x256 crop q80", "memfd",
-         lambda t: raw_pipeline_rate(everything, t, args.seconds)),
+        (
+            "transform JPEG -> 256x256 crop q80",
+            "memfd",
+            lambda t: raw_pipeline_rate(jpegs, t, args.seconds),
+        ),
+        (
+            "transform JPEG -> 256x256 crop q80",
+            "BytesIO",
+            lambda t: raw_pipeline_rate(jpegs, t, args.seconds, encoder="bytesio"),
+        ),
+        (
+            "transform JPEG -> w=1920 q80",
+            "memfd",
+            lambda t: raw_pipeline_rate(jpegs, t, args.seconds, wide),
+        ),
+        (
+            "transform JPEG -> w=1920 q80",
+            "BytesIO",
+            lambda t: raw_pipeline_rate(jpegs, t, args.seconds, wide, encoder="bytesio"),
+        ),
+        (
+            f"encode only {big.size[0]}x{big.size[1]} -> JPEG q80",
+            "memfd",
+            lambda t: encode_rate(big, t, args.seconds, "memfd"),
+        ),
+        (
+            f"encode only {big.size[0]}x{big.size[1]} -> JPEG q80",
+            "BytesIO",
+            lambda t: encode_rate(big, t, args.seconds, "bytesio"),
+        ),
+        (
+            "transform all formats -> 256x256 crop q80",
+            "memfd",
+            lambda t: raw_pipeline_rate(everything, t, args.seconds),
+        ),
     ]
 
     print(f"load average before: {_load()}")

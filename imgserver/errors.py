@@ -135,9 +135,7 @@ _MAX_MESSAGE = 200
 
 # An absolute path: a '/' or a drive letter + separator starting a token (at the
 # start, after whitespace, a quote, '=', '(' or ':'), followed by path characters.
-_ABSOLUTE_PATH = re.compile(
-    r"""(?:^|(?<=[\s'"=(:]))(?:[A-Za-z]:[\\/]|/)[^\s'"]*"""
-)
+_ABSOLUTE_PATH = re.compile(r"""(?:^|(?<=[\s'"=(:]))(?:[A-Za-z]:[\\/]|/)[^\s'"]*""")
 
 
 def _scrub(message: str) -> str:

@@ -42,7 +42,14 @@ from urllib.parse import unquote_to_bytes
 
 from imgserver.errors import BadRequest, Forbidden, NotFound
 
-__all__ = ["split_url_path", "resolve", "check_inside", "confine", "MAX_NAME_BYTES", "MAX_PATH_BYTES"]
+__all__ = [
+    "split_url_path",
+    "resolve",
+    "check_inside",
+    "confine",
+    "MAX_NAME_BYTES",
+    "MAX_PATH_BYTES",
+]
 
 #: Longest file or directory name (NAME_MAX on Linux).
 MAX_NAME_BYTES = 255
@@ -126,7 +133,7 @@ def check_inside(root_real: str, real_path: str) -> None:
     prefix = root_real if root_real.endswith(os.sep) else root_real + os.sep
     if not real_path.startswith(prefix) or len(real_path) == len(prefix):
         raise Forbidden("forbidden path: leads outside the image root")
-    for part in real_path[len(prefix):].split(os.sep):
+    for part in real_path[len(prefix) :].split(os.sep):
         if part.startswith("."):
             raise Forbidden("forbidden path: leads to a hidden file or directory")
 

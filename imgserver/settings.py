@@ -45,25 +45,21 @@ class Settings:
 
     root: str | None = field(
         default=None,
-        metadata=_help(
-            "Directory whose images are served; None serves the built-in samples."
-        ),
+        metadata=_help("Directory whose images are served; None serves the built-in samples."),
     )
     workers: int = field(
         default_factory=lambda: os.cpu_count() or 1,
-        metadata=_help(
-            "Images processed at once (worker threads); default: the number of CPUs."
-        ),
+        metadata=_help("Images processed at once (worker threads); default: the number of CPUs."),
     )
     max_queue: int = field(
         default=100,
-        metadata=_help(
-            "Requests allowed to wait for a worker; beyond it the server answers 503."
-        ),
+        metadata=_help("Requests allowed to wait for a worker; beyond it the server answers 503."),
     )
     cache_mb: float = field(
         default=64,
-        metadata=_help("Size of the in-memory cache of transformed images, in MiB; 0 disables it."),
+        metadata=_help(
+            "Size of the in-memory cache of transformed images, in MiB; 0 disables it."
+        ),
     )
     secret: bytes | None = field(
         default=None,

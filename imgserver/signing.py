@@ -48,7 +48,9 @@ def _bytes(value: object) -> bytes:
         return value.encode("utf-8")
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value).encode("ascii")
-    raise TypeError(f"query names and values must be str, bytes or int, not {type(value).__name__}")
+    raise TypeError(
+        f"query names and values must be str, bytes or int, not {type(value).__name__}"
+    )
 
 
 def _pairs(query: Query) -> list[tuple[bytes, bytes]]:

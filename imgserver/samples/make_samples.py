@@ -121,7 +121,10 @@ def main():
         size = os.path.getsize(path)
         total += size
         with Image.open(path) as im:
-            print(f"{os.path.basename(path)}: {im.format} {im.size[0]}x{im.size[1]} {im.mode}, {size} bytes")
+            width, height = im.size
+            print(
+                f"{os.path.basename(path)}: {im.format} {width}x{height} {im.mode}, {size} bytes"
+            )
     print(f"total {total} bytes")
 
 

@@ -30,7 +30,9 @@ def test_defaults():
     assert parse("w=200", default_quality=60).quality == 60
 
 
-@pytest.mark.parametrize("fm,canonical", [("jpg", "jpeg"), ("jpeg", "jpeg"), ("png", "png"), ("webp", "webp")])
+@pytest.mark.parametrize(
+    "fm,canonical", [("jpg", "jpeg"), ("jpeg", "jpeg"), ("png", "png"), ("webp", "webp")]
+)
 def test_formats(fm, canonical):
     assert parse(f"fm={fm}").format == canonical
 
@@ -176,6 +178,14 @@ def test_cache_key_ignores_quality_for_png():
 
 
 def test_cache_keys_differ():
-    queries = ["w=100", "h=100", "w=100&h=100", "w=100&h=100&fit=max", "w=100&fm=png", "w=100&q=50", "fm=png"]
+    queries = [
+        "w=100",
+        "h=100",
+        "w=100&h=100",
+        "w=100&h=100&fit=max",
+        "w=100&fm=png",
+        "w=100&q=50",
+        "fm=png",
+    ]
     keys = {parse(q).cache_key() for q in queries}
     assert len(keys) == len(queries)

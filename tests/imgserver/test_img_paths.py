@@ -240,7 +240,9 @@ def test_confine_missing_file_is_left_to_open(tree):
     assert not os.path.exists(path)
 
 
-@pytest.mark.parametrize("url_path", ["/../outside/secret.jpg", "/%2e%2e/outside/secret.jpg", "/.hidden/c.jpg"])
+@pytest.mark.parametrize(
+    "url_path", ["/../outside/secret.jpg", "/%2e%2e/outside/secret.jpg", "/.hidden/c.jpg"]
+)
 def test_confine_applies_the_name_rules_first(tree, url_path):
     with pytest.raises(Forbidden):
         confine(str(tree), url_path)

@@ -95,7 +95,9 @@ def test_crop_takes_the_centre():
 
 def test_scale_distorts_clip_does_not():
     im = halves((400, 200))
-    scaled = decode(transform(encode(im, "PNG"), TransformSpec(100, 100, "scale"), MAX)).convert("RGB")
+    scaled = decode(transform(encode(im, "PNG"), TransformSpec(100, 100, "scale"), MAX)).convert(
+        "RGB"
+    )
     # still left red / right blue, over the full width
     assert scaled.getpixel((10, 50))[0] > 200 and scaled.getpixel((90, 50))[2] > 200
 
@@ -153,7 +155,11 @@ def test_every_conversion(source, fm, pil):
 
 
 def test_default_output_format_is_the_source_format():
-    for fmt, content_type in [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp")]:
+    for fmt, content_type in [
+        ("JPEG", "image/jpeg"),
+        ("PNG", "image/png"),
+        ("WEBP", "image/webp"),
+    ]:
         result = transform(encode(halves((40, 20)), fmt), TransformSpec(width=20), MAX)
         assert result.content_type == content_type
 
@@ -254,8 +260,19 @@ def test_exif_orientation_with_resize():
     assert (result.width, result.height) == (25, 50)
 
 
-@pytest.mark.parametrize("orientation,size", [(1, (200, 100)), (2, (200, 100)), (3, (200, 100)), (4, (200, 100)),
-                                              (5, (100, 200)), (6, (100, 200)), (7, (100, 200)), (8, (100, 200))])
+@pytest.mark.parametrize(
+    "orientation,size",
+    [
+        (1, (200, 100)),
+        (2, (200, 100)),
+        (3, (200, 100)),
+        (4, (200, 100)),
+        (5, (100, 200)),
+        (6, (100, 200)),
+        (7, (100, 200)),
+        (8, (100, 200)),
+    ],
+)
 def test_every_orientation(orientation, size):
     data = with_orientation(halves((200, 100)), "JPEG", orientation)
     assert (info(data)["width"], info(data)["height"]) == size
@@ -285,7 +302,9 @@ def test_png_exif_after_the_pixel_data_is_applied():
 def test_orientation_applied_even_if_exif_cannot_be_rewritten(monkeypatch):
     from PIL import ImageOps
 
-    monkeypatch.setattr(ImageOps, "exif_transpose", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad EXIF")))
+    monkeypatch.setattr(
+        ImageOps, "exif_transpose", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad EXIF"))
+    )
     data = with_orientation(halves((200, 100)), "JPEG", 6)
     result = transform(data, TransformSpec(format="png"), MAX)
     assert (result.width, result.height) == (100, 200)
@@ -328,7 +347,9 @@ def test_draft_keeps_quality():
     with Image.open(os.path.join(SAMPLES_DIR, "photo.jpg")) as sample:
         data = encode(sample.convert("RGB"), "JPEG", quality=95)  # 1067x1600, no EXIF
     ours = decode(transform(data, TransformSpec(width=200, format="png"), MAX)).convert("RGB")
-    reference = Image.open(io.BytesIO(data)).convert("RGB").resize(ours.size, Image.Resampling.LANCZOS)
+    reference = (
+        Image.open(io.BytesIO(data)).convert("RGB").resize(ours.size, Image.Resampling.LANCZOS)
+    )
     diff = ImageStat.Stat(ImageChops.difference(ours, reference)).mean
     assert max(diff) < 1.0, diff
 
@@ -486,7 +507,9 @@ def test_encoding_closes_its_file_when_saving_fails(monkeypatch):
     closed = []
     real_close = os.close
     monkeypatch.setattr(processing.os, "close", lambda fd: (closed.append(fd), real_close(fd)))
-    monkeypatch.setattr(Image.Image, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(
+        Image.Image, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full"))
+    )
     with pytest.raises(OSError):
         processing._encode_to_fd(Image.new("RGB", (10, 10)), "jpeg", {})
     assert len(closed) == 1

@@ -47,4 +47,6 @@ def test_logo_has_alpha():
 
 def test_samples_are_reachable_through_confine():
     for name in SAMPLES:
-        assert confine(SAMPLES_DIR, "/" + name) == os.path.realpath(os.path.join(SAMPLES_DIR, name))
+        assert confine(SAMPLES_DIR, "/" + name) == os.path.realpath(
+            os.path.join(SAMPLES_DIR, name)
+        )
