@@ -14,6 +14,12 @@ can do on this machine.  Printed rows:
   into ``io.BytesIO``: Pillow releases the GIL only for the former;
 * ``transform`` of the whole corpus (JPEG, PNG and WebP) to 256x256.
 
+Each ``transform`` cell runs for ``--seconds`` and at least one full pass over
+its images, so 1- and 2-thread cells do comparable work; each cell is
+measured ``--repeat`` times, interleaved, and the best kept (other processes
+on the machine only ever slow a run down).  The ``cpu`` and ``idle`` figures
+tell GIL serialisation (low cpu, idle CPUs) from competition (no idle CPUs).
+
 ``raw_pipeline_rate(paths, threads, seconds)`` is importable for the server
 benchmark's baseline.
 """
@@ -25,6 +31,7 @@ import glob
 import itertools
 import os
 import platform
+import random
 import sys
 import threading
 import time
@@ -63,8 +70,14 @@ def _system_idle() -> tuple[int, int] | None:
 _ENCODERS = {"memfd": processing._encode_to_fd, "bytesio": processing._encode_to_bytesio}
 
 
-def _run_threads(work: Callable[[int], None], threads: int, seconds: float) -> float:
-    """Call ``work(i)`` with increasing i from ``threads`` threads for ``seconds``; items/s.
+def _run_threads(
+    work: Callable[[int], None], threads: int, seconds: float, min_items: int = 0
+) -> float:
+    """Call ``work(i)`` with increasing i from ``threads`` threads; items/s.
+
+    Runs for ``seconds`` and until at least ``min_items`` items have been
+    started, so that runs with different thread counts all cover the same
+    items at least once (a fair comparison when items differ in cost).
 
     Also records, in module globals, ``last_cpu_use``: the process CPU time
     per wall-clock second (about ``threads`` when the threads really run in
@@ -80,12 +93,14 @@ def _run_threads(work: Callable[[int], None], threads: int, seconds: float) -> f
 
     def loop(slot: int) -> None:
         try:
-            while not stop.is_set():
-                work(next(counter))
+            while True:
+                i = next(counter)
+                if i >= min_items and stop.is_set():
+                    return
+                work(i)
                 done[slot] += 1
         except BaseException as e:  # pragma: no cover - surfaced below
             errors.append(e)
-            stop.set()
 
     workers = [threading.Thread(target=loop, args=(slot,), daemon=True) for slot in range(threads)]
     cpu_start = time.process_time()
@@ -119,14 +134,17 @@ def raw_pipeline_rate(
 ) -> float:
     """Images/s of ``processing.transform(data, spec)`` over ``paths`` (read first).
 
-    ``threads`` threads each transform the next file in turn, round robin,
-    for ``seconds``.  ``encoder`` is ``"memfd"`` (what the server uses) or
-    ``"bytesio"`` (for comparison).
+    The files are put in a fixed pseudo-random order; ``threads`` threads each
+    transform the next one, round robin, for ``seconds`` and at least one
+    full pass (so a mixed corpus is measured whole, whatever the thread
+    count).  ``encoder`` is ``"memfd"`` (what the server uses) or
+    ``"bytesio"`` (for comparison).  No file I/O is timed.
     """
     datas = []
     for path in paths:
         with open(path, "rb") as f:
             datas.append(f.read())
+    random.Random(0).shuffle(datas)
     if not datas:
         raise ValueError("no images given")
     encode = _ENCODERS[encoder]
@@ -136,7 +154,7 @@ def raw_pipeline_rate(
     def work(i: int) -> None:
         processing._transform(datas[i % len(datas)], spec, max_pixels, encode)
 
-    return _run_threads(work, threads, seconds)
+    return _run_threads(work, threads, seconds, min_items=len(datas))
 
 
 def encode_rate(
