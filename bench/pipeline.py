@@ -37,15 +37,16 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-try:
-    import imgserver  # noqa: F401
-except ImportError:  # run as a script from a checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Benchmark the checkout this file belongs to, even if another copy of
+# imgserver is installed (e.g. an editable install of a different worktree).
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if sys.path[:1] != [_CHECKOUT]:
+    sys.path.insert(0, _CHECKOUT)
 
-from PIL import Image, features
+from PIL import Image, features  # noqa: E402
 
-from imgserver import processing
-from imgserver.params import TransformSpec
+from imgserver import processing  # noqa: E402
+from imgserver.params import TransformSpec  # noqa: E402
 
 #: The server benchmark's workload: 256x256 centre crop, JPEG quality 80.
 DEFAULT_SPEC = TransformSpec(width=256, height=256, fit="crop", format="jpeg", quality=80)
