@@ -1,0 +1,165 @@
+"""Every limit and knob of imgserver, in one validated, immutable object.
+
+A :class:`Settings` is built once (by the command line or a test) and shared
+read-only by all parts of the server, so no limit is a magic number hidden in
+a module.  Validation happens in ``__post_init__`` and raises ``ValueError``
+naming the setting, before any socket is opened.  Nothing here touches the
+file system: whether ``root`` exists is for the I/O layer to find out.
+
+Each field's ``metadata["help"]`` is a one-line description a command-line
+parser can reuse.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+__all__ = ["Settings", "SAMPLES_DIR", "MIN_SECRET_BYTES", "MAX_DIMENSION_LIMIT"]
+
+#: Built-in sample images, served when no ``root`` is configured.
+SAMPLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples")
+
+#: Shortest accepted signing secret: shorter HMAC keys are guessable.
+MIN_SECRET_BYTES = 16
+
+#: JPEG stores dimensions in 16 bits; no output can be larger than this.
+MAX_DIMENSION_LIMIT = 65500
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Configuration of one imgserver; see each field's ``metadata["help"]``."""
+
+    root: str | None = field(
+        default=None,
+        metadata=_help("Directory whose images are served; None serves the built-in samples."),
+    )
+    workers: int = field(
+        default_factory=lambda: os.cpu_count() or 1,
+        metadata=_help("Images processed at once (worker threads); default: the number of CPUs."),
+    )
+    max_queue: int = field(
+        default=100,
+        metadata=_help("Requests allowed to wait for a worker; beyond it the server answers 503."),
+    )
+    cache_mb: float = field(
+        default=64,
+        metadata=_help(
+            "Size of the in-memory cache of transformed images, in MiB; 0 disables it."
+        ),
+    )
+    secret: bytes | None = field(
+        default=None,
+        repr=False,
+        metadata=_help(
+            "HMAC-SHA256 key for signed URLs (at least 16 bytes); None accepts unsigned URLs."
+        ),
+    )
+    max_pixels: int = field(
+        default=50_000_000,
+        metadata=_help(
+            "Largest source image, in pixels, read from the header before decoding "
+            "(imgproxy's default is 50 MP)."
+        ),
+    )
+    max_file_mb: float = field(
+        default=50,
+        metadata=_help("Largest source file, in MiB."),
+    )
+    timeout: float = field(
+        default=30.0,
+        metadata=_help("Seconds a request may take before the server answers 504."),
+    )
+    max_dimension: int = field(
+        default=8192,
+        metadata=_help("Largest accepted w and h query parameter, in pixels."),
+    )
+    default_quality: int = field(
+        default=85,
+        metadata=_help("JPEG and WebP quality (1-100) when the request gives no q."),
+    )
+
+    def __post_init__(self) -> None:
+        if self.root is not None:
+            root = os.fspath(self.root)
+            if not isinstance(root, str) or not root:
+                raise ValueError("root must be a non-empty directory path or None")
+            if "\0" in root:
+                raise ValueError("root must not contain NUL characters")
+            object.__setattr__(self, "root", root)
+
+        if self.secret is not None:
+            secret = self.secret
+            if isinstance(secret, str):
+                secret = secret.encode("utf-8")
+            if not isinstance(secret, (bytes, bytearray)):
+                raise ValueError("secret must be bytes, str or None")
+            if len(secret) < MIN_SECRET_BYTES:
+                raise ValueError(
+                    f"secret must be at least {MIN_SECRET_BYTES} bytes long "
+                    "(e.g. python -c 'import secrets; print(secrets.token_hex(32))')"
+                )
+            object.__setattr__(self, "secret", bytes(secret))
+
+        self._check_int("workers", minimum=1)
+        self._check_int("max_queue", minimum=0)
+        self._check_number("cache_mb", minimum=0, allow_zero=True)
+        self._check_int("max_pixels", minimum=1)
+        self._check_number("max_file_mb", minimum=0, allow_zero=False)
+        self._check_number("timeout", minimum=0, allow_zero=False)
+        self._check_int("max_dimension", minimum=1, maximum=MAX_DIMENSION_LIMIT)
+        self._check_int("default_quality", minimum=1, maximum=100)
+
+    def _check_int(self, name: str, minimum: int, maximum: int | None = None) -> None:
+        value = getattr(self, name)
+        if not _is_int(value):
+            raise ValueError(f"{name} must be an integer, not {value!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise ValueError(f"{name} must be {bound}, not {value}")
+
+    def _check_number(self, name: str, minimum: float, allow_zero: bool) -> None:
+        value = getattr(self, name)
+        if not _is_number(value) or value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{name} must be a finite number, not {value!r}")
+        if value < minimum or (value == minimum and not allow_zero):
+            op = ">=" if allow_zero else ">"
+            raise ValueError(f"{name} must be {op} {minimum}, not {value}")
+
+    @property
+    def image_root(self) -> str:
+        """The directory actually served: ``root``, or the built-in samples."""
+        return self.root if self.root is not None else SAMPLES_DIR
+
+    @property
+    def cache_bytes(self) -> int:
+        """``cache_mb`` in bytes (what :class:`imgserver.cache.ResultCache` takes)."""
+        return int(self.cache_mb * 1024 * 1024)
+
+    @property
+    def max_file_bytes(self) -> int:
+        """``max_file_mb`` in bytes."""
+        return int(self.max_file_mb * 1024 * 1024)
+
+    @property
+    def signed(self) -> bool:
+        """Whether requests must carry a valid signature."""
+        return self.secret is not None
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Field name -> one-line description, e.g. for ``--help`` output."""
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
