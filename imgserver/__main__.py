@@ -1,0 +1,5 @@
+"""``python -m imgserver``: the same as the ``imgserver`` command."""
+
+from .cli import main
+
+main()

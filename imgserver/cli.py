@@ -1,0 +1,143 @@
+"""``imgserver``: run the image server (HTTP and Perspective Broker).
+
+    imgserver [--root DIR] [--http ENDPOINT] [--pb ENDPOINT] [--workers N] [--max-queue N]
+              [--cache-mb N] [--secret KEY] [--max-pixels N] [--max-file-mb N] [--timeout SECONDS]
+              [--grace SECONDS] [--demo]
+
+Endpoints are Twisted endpoint strings (``tcp:8080``, ``tcp:8080:interface=127.0.0.1``,
+``unix:/run/img.sock``).  With no ``--root`` it serves the built-in samples.
+SIGTERM or SIGINT: stop accepting, let work in flight finish (at most
+``--grace`` seconds), exit 0.  ``--demo`` starts on free local ports, asks
+itself for a few images over HTTP and PB, prints what happened and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from typing import Any, Sequence
+
+from twisted.internet import defer, endpoints, task
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+
+from .metrics import Metrics
+from .service import ImageService
+from .settings import Settings
+from .web import make_site
+
+__all__ = ["main", "build_parser", "settings_from_args", "Server"]
+
+log = Logger(namespace="imgserver")
+
+DEFAULT_HTTP = "tcp:8080"
+DEFAULT_PB = "tcp:8789"
+DEFAULT_GRACE = 10.0
+
+_OPTION_FOR = {
+    "root": ("--root", str),
+    "workers": ("--workers", int),
+    "max_queue": ("--max-queue", int),
+    "cache_mb": ("--cache-mb", int),
+    "secret": ("--secret", str),
+    "max_pixels": ("--max-pixels", int),
+    "max_file_mb": ("--max-file-mb", int),
+    "timeout": ("--timeout", float),
+    "max_dimension": ("--max-dimension", int),
+    "default_quality": ("--default-quality", int),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgserver", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = Settings.help()
+    defaults = Settings()
+    for field in fields(Settings):
+        option, kind = _OPTION_FOR[field.name]
+        default = getattr(defaults, field.name) if field.name != "secret" else None
+        parser.add_argument(option, dest=field.name, type=kind, default=default,
+                            help=helps.get(field.name, ""))
+    parser.add_argument("--http", default=DEFAULT_HTTP, help="HTTP endpoint ('none' to disable)")
+    parser.add_argument("--pb", default=DEFAULT_PB, help="Perspective Broker endpoint ('none' to disable)")
+    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE,
+                        help="seconds work in flight may take to finish at shutdown")
+    parser.add_argument("--demo", action="store_true",
+                        help="serve on free local ports, fetch a few images from itself, print, exit")
+    parser.add_argument("--quiet", action="store_true", help="no access log on stdout")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
+
+
+class Server:
+    """The service and its listening ports, with a graceful stop."""
+
+    def __init__(self, reactor: Any, settings: Settings) -> None:
+        self.reactor = reactor
+        self.settings = settings
+        self.service = ImageService(settings, reactor)
+        self.metrics = Metrics(self.service)
+        self.site = make_site(self.service, self.metrics)
+        self.ports: list[Any] = []
+        self.http_port: Any = None
+        self.pb_port: Any = None
+
+    async def listen(self, http: str | None, pb: str | None) -> None:
+        self.service.start()
+        if http and http != "none":
+            self.http_port = await endpoints.serverFromString(self.reactor, http).listen(self.site)
+            self.ports.append(self.http_port)
+            log.info("HTTP on {address}", address=self.http_port.getHost())
+        if pb and pb != "none":
+            from .pb import make_pb_factory
+
+            self.pb_port = await endpoints.serverFromString(self.reactor, pb).listen(make_pb_factory(self.service))
+            self.ports.append(self.pb_port)
+            log.info("Perspective Broker on {address}", address=self.pb_port.getHost())
+
+    async def stop(self, grace: float = DEFAULT_GRACE) -> None:
+        """Stop accepting, wait (at most ``grace`` s) for work in flight, stop the service."""
+        await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
+        self.ports = []
+        deadline = self.reactor.seconds() + grace
+        while self.service.busy() and self.reactor.seconds() < deadline:
+            await task.deferLater(self.reactor, 0.05, lambda: None)
+        if self.service.busy():
+            log.warn("{n} images still in processing after {grace} s: stopping anyway",
+                     n=self.service.busy(), grace=grace)
+        self.service.stop()
+
+
+async def _serve(reactor: Any, args: argparse.Namespace, settings: Settings) -> None:
+    server = Server(reactor, settings)
+    await server.listen(args.http, args.pb)
+
+    async def graceful() -> None:
+        log.info("shutting down: no new connections; finishing work in flight")
+        await server.stop(args.grace)
+
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.Deferred.fromCoroutine(graceful()))
+    await defer.Deferred()  # until a signal stops the reactor
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as e:
+        build_parser().error(str(e))
+    if args.demo:
+        from .demo import run_demo
+
+        task.react(lambda reactor: defer.Deferred.fromCoroutine(run_demo(reactor, settings, args)))
+        return
+    if not args.quiet:
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    task.react(lambda reactor: defer.Deferred.fromCoroutine(_serve(reactor, args, settings)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""The HTTP face of the image server (twisted.web): a thin shell over ImageService.
+
+    GET|HEAD /images/<path>              the original, streamed (ETag, Last-Modified, 304, Range → 206)
+    GET|HEAD /images/<path>?w=&h=&fit=&fm=&q=   a transformed image
+    GET      /info/<path>                JSON width, height, format, mode, bytes
+    GET      /healthz                    JSON status and load
+    GET      /metrics                    Prometheus text format
+
+Errors are a status and a short JSON body; never a traceback or a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, resource, server
+
+from asyncfile import ConsumerStopped
+
+from . import signing
+from .conditional import Unsatisfiable, http_date, not_modified, parse_range
+from .errors import BadRequest, ImageServerError, InternalError, NotFound, Timeout, error_body, error_headers, error_status
+from .metrics import Metrics, MetricsResource
+from .params import parse_transform
+from .service import ImageService
+
+__all__ = ["ImageSite", "make_site"]
+
+access_log = Logger(namespace="imgserver.access")
+log = Logger(namespace="imgserver.web")
+
+CACHE_CONTROL = b"public, max-age=86400"
+
+
+class ImageRequest(server.Request):
+    """A request that knows when it started and which endpoint served it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.started_at = time.monotonic()
+        self.endpoint = "other"
+
+
+class ImageSite(server.Site):
+    requestFactory = ImageRequest
+
+    def __init__(self, root: resource.Resource, service: ImageService, metrics: Metrics) -> None:
+        super().__init__(root)
+        self.service = service
+        self.metrics = metrics
+        self.displayTracebacks = False
+
+    def log(self, request: ImageRequest) -> None:
+        """One access-log line per request, through twisted.logger."""
+        elapsed = (time.monotonic() - getattr(request, "started_at", time.monotonic())) * 1000
+        status = request.code
+        self.metrics.count(getattr(request, "endpoint", "other"), status)
+        access_log.info(
+            "{client} {method} {uri} {status} {bytes} {ms:.1f}ms",
+            client=request.getClientAddress().host if request.getClientAddress() else "-",
+            method=request.method.decode("latin-1"),
+            uri=request.uri.decode("latin-1")[:512],
+            status=status,
+            bytes=request.sentLength,
+            ms=elapsed,
+        )
+
+
+def _send_error(request: server.Request, err: BaseException) -> None:
+    if request.finished or request._disconnected:
+        return
+    status = error_status(err)
+    request.setResponseCode(status)
+    for name, value in error_headers(err):
+        request.setHeader(name, value)
+    body = error_body(err)
+    request.setHeader(b"Content-Length", str(len(body)).encode())
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()
+
+
+class _AsyncResource(resource.Resource):
+    """Runs ``handle(request)`` as a coroutine: errors become JSON answers,
+    a timeout becomes 504, and a client that goes away cancels the work."""
+
+    isLeaf = True
+    endpoint = "other"
+
+    def __init__(self, service: ImageService) -> None:
+        super().__init__()
+        self.service = service
+        self.settings = service.settings
+
+    async def handle(self, request: Any) -> None:
+        raise NotImplementedError
+
+    def render_GET(self, request: Any) -> Any:
+        request.endpoint = self.endpoint
+        d = defer.Deferred.fromCoroutine(self.handle(request))
+        timeout = self.settings.timeout
+        if timeout:
+            d.addTimeout(timeout, self.service.reactor)
+        d.addErrback(self._failed, request)
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        return server.NOT_DONE_YET
+
+    render_HEAD = render_GET
+
+    def _failed(self, failure: Failure, request: Any) -> None:
+        if request.finished or request._disconnected:
+            return  # the client went away: nothing to answer
+        if failure.check(defer.TimeoutError, defer.CancelledError):
+            err: BaseException = Timeout("the image took too long")
+        elif failure.check(ImageServerError):
+            err = failure.value
+        else:
+            log.failure("unexpected error serving {uri}", failure, uri=request.uri.decode("latin-1")[:200])
+            err = InternalError("internal error")
+        _send_error(request, err)
+
+    def _image_path(self, request: Any, prefix: bytes) -> bytes:
+        """The raw (still percent-encoded) path after ``prefix``, checked
+        against the signature when the server has a secret."""
+        raw = request.path[len(prefix):]
+        if self.settings.signed:
+            signing.verify(self.settings.secret, raw, request.args)
+        return raw
+
+
+class ImagesResource(_AsyncResource):
+    endpoint = "images"
+
+    async def handle(self, request: Any) -> None:
+        raw = self._image_path(request, b"/images/")
+        args = {k: v for k, v in request.args.items() if k != b"s"}
+        spec = parse_transform(args, max_dimension=self.settings.max_dimension,
+                               default_quality=self.settings.default_quality)
+        if spec is None:
+            await self._original(request, raw)
+        else:
+            await self._transformed(request, raw, spec)
+
+    async def _original(self, request: Any, raw: bytes) -> None:
+        located, content_type = await self.service.original(raw)
+        mtime = located.mtime_ns / 1e9
+        request.setHeader(b"ETag", located.etag.encode())
+        request.setHeader(b"Last-Modified", http_date(mtime).encode())
+        request.setHeader(b"Cache-Control", CACHE_CONTROL)
+        request.setHeader(b"Accept-Ranges", b"bytes")
+        if not_modified(located.etag, mtime, _header(request, b"if-none-match"),
+                        _header(request, b"if-modified-since")):
+            request.setResponseCode(http.NOT_MODIFIED)
+            request.finish()
+            return
+        request.setHeader(b"Content-Type", content_type.encode())
+        offset, length = 0, located.size
+        try:
+            wanted = parse_range(_header(request, b"range"), located.size)
+        except Unsatisfiable:
+            request.setResponseCode(http.REQUESTED_RANGE_NOT_SATISFIABLE)
+            request.setHeader(b"Content-Range", f"bytes */{located.size}".encode())
+            request.setHeader(b"Content-Length", b"0")
+            request.finish()
+            return
+        if wanted is not None and _header(request, b"if-range") not in (None, located.etag):
+            wanted = None  # the client's copy is stale: send it all
+        if wanted is not None:
+            offset, length = wanted
+            request.setResponseCode(http.PARTIAL_CONTENT)
+            request.setHeader(b"Content-Range",
+                              f"bytes {offset}-{offset + length - 1}/{located.size}".encode())
+        request.setHeader(b"Content-Length", str(length).encode())
+        if request.method == b"HEAD" or length == 0:
+            request.finish()
+            return
+        try:
+            sent = await self.service.loader.stream(located.real_path, request, offset, length)
+        except ConsumerStopped:
+            return  # the client went away
+        except FileNotFoundError:
+            raise NotFound("no such image") from None
+        if sent != length:
+            # The file shrank since stat: the promised length cannot be met.
+            request.channel.loseConnection() if request.channel else None
+            return
+        request.finish()
+
+    async def _transformed(self, request: Any, raw: bytes, spec: Any) -> None:
+        located = await self.service.locate(raw)
+        etag = '"' + hashlib.blake2b(f"{located.etag}|{spec.cache_key()}".encode(), digest_size=12).hexdigest() + '"'
+        request.setHeader(b"ETag", etag.encode())
+        request.setHeader(b"Cache-Control", CACHE_CONTROL)
+        if not_modified(etag, located.mtime_ns / 1e9, _header(request, b"if-none-match"), None):
+            request.setResponseCode(http.NOT_MODIFIED)
+            request.finish()
+            return
+        result = await self.service.transform(raw, spec)
+        request.setHeader(b"Content-Type", result.content_type.encode())
+        request.setHeader(b"Content-Length", str(len(result.body)).encode())
+        if request.method != b"HEAD":
+            request.write(result.body)
+        request.finish()
+
+
+class InfoResource(_AsyncResource):
+    endpoint = "info"
+
+    async def handle(self, request: Any) -> None:
+        raw = self._image_path(request, b"/info/")
+        info = await self.service.info(raw)
+        body = json.dumps(info).encode()
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Content-Length", str(len(body)).encode())
+        if request.method != b"HEAD":
+            request.write(body)
+        request.finish()
+
+
+class HealthResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, service: ImageService) -> None:
+        super().__init__()
+        self.service = service
+
+    def render_GET(self, request: Any) -> bytes:
+        request.endpoint = "healthz"
+        stats = self.service.stats()
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return json.dumps({"status": "ok", "in_processing": stats["in_processing"],
+                           "queued": stats["queued"], "max_queue": stats["max_queue"]}).encode()
+
+
+class NotFoundResource(resource.Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        err = NotFound("no such endpoint")
+        request.setResponseCode(404)
+        for name, value in error_headers(err):
+            request.setHeader(name, value)
+        return error_body(err)
+
+
+class RootResource(resource.Resource):
+    def __init__(self, service: ImageService, metrics: Metrics) -> None:
+        super().__init__()
+        self.putChild(b"images", ImagesResource(service))
+        self.putChild(b"info", InfoResource(service))
+        self.putChild(b"healthz", HealthResource(service))
+        self.putChild(b"metrics", MetricsResource(metrics))
+
+    def getChild(self, path: bytes, request: Any) -> resource.Resource:
+        return NotFoundResource()
+
+    def render(self, request: Any) -> bytes:
+        return NotFoundResource().render(request)
+
+
+def _header(request: Any, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    return value.decode("latin-1") if value is not None else None
+
+
+def make_site(service: ImageService, metrics: Metrics | None = None) -> ImageSite:
+    metrics = metrics if metrics is not None else Metrics(service)
+    return ImageSite(RootResource(service, metrics), service, metrics)
