@@ -1,0 +1,60 @@
+"""imgserver as a twistd application: ``twistd -n imgserver --root DIR ...``."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.python import usage
+
+from .cli import DEFAULT_GRACE, DEFAULT_HTTP, DEFAULT_PB, _OPTION_FOR, Server
+from .settings import Settings
+
+__all__ = ["Options", "ImageServerService", "make_service"]
+
+
+class Options(usage.Options):
+    """The same settings as the ``imgserver`` command."""
+
+    optParameters: list[list[Any]] = [
+        ["http", None, DEFAULT_HTTP, "HTTP endpoint ('none' to disable)"],
+        ["pb", None, DEFAULT_PB, "Perspective Broker endpoint ('none' to disable)"],
+        ["grace", None, DEFAULT_GRACE, "seconds work in flight may take to finish at shutdown", float],
+    ]
+    _help = Settings.help()
+    for _field in fields(Settings):
+        _option, _kind = _OPTION_FOR[_field.name]
+        optParameters.append([_option.lstrip("-"), None, None, _help.get(_field.name, ""), _kind])
+    del _help, _field, _option, _kind
+
+    def postOptions(self) -> None:
+        given = {f.name: self[_OPTION_FOR[f.name][0].lstrip("-")] for f in fields(Settings)}
+        try:
+            self["settings"] = Settings(**{k: v for k, v in given.items() if v is not None})
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class ImageServerService(service.Service):
+    """Listens when started; on stop, stops accepting and lets work in flight finish."""
+
+    def __init__(self, settings: Settings, http: str, pb: str, grace: float, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+            reactor = default_reactor
+        self.server = Server(reactor, settings)
+        self.http, self.pb, self.grace = http, pb, grace
+
+    def startService(self) -> defer.Deferred[None]:
+        super().startService()
+        return defer.Deferred.fromCoroutine(self.server.listen(self.http, self.pb))
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self.server.stop(self.grace))
+
+
+def make_service(options: Options) -> ImageServerService:
+    return ImageServerService(options["settings"], options["http"], options["pb"], options["grace"])
