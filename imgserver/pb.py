@@ -203,6 +203,8 @@ class ImageRoot(pb.Root):
             return super().remoteMessageReceived(broker, message, args, kw)
         except pb.Error:
             raise
+        except pb.NoSuchMethod as e:
+            raise BadRequest(str(e)) from None
         except Exception as e:
             name = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
             if isinstance(e, TypeError) and _raised_by_call(e):
@@ -337,18 +339,20 @@ class ImageRoot(pb.Root):
     def _transform(self, path: Any, width: Any, height: Any, fit: Any, fmt: Any,
                    quality: Any) -> defer.Deferred[Result]:
         path = self._checked_path(path)
-        args: dict[str, Any] = {}
+        # One-element lists, parse_transform's canonical form: any other value
+        # (a float, a list) then reaches its checks as a value, not as a sequence.
+        args: dict[str, list[Any]] = {}
         if width is not None:
-            args["w"] = width
+            args["w"] = [width]
         if height is not None:
-            args["h"] = height
+            args["h"] = [height]
         # The default fit goes along only with a size: alone it would be "fit needs w or h".
         if fit is not None and (width is not None or height is not None or fit != FITS[0]):
-            args["fit"] = fit
+            args["fit"] = [fit]
         if fmt is not None:
-            args["fm"] = fmt
+            args["fm"] = [fmt]
         if quality is not None:
-            args["q"] = quality
+            args["q"] = [quality]
         settings = self.service.settings
         spec = parse_transform(
             args, max_dimension=settings.max_dimension, default_quality=settings.default_quality
