@@ -47,8 +47,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.spread import banana, pb
 
-from .errors import BadRequest, ImageServerError, InternalError, NotFound, Overloaded, Timeout
-from .errors import TooLarge
+from .errors import (
+    BadRequest,
+    ImageServerError,
+    InternalError,
+    NotFound,
+    Overloaded,
+    Timeout,
+    TooLarge,
+)
 from .params import FITS, TransformSpec, parse_transform
 from .processing import Result
 from .service import ImageService
@@ -363,9 +370,14 @@ class ImageRoot(pb.Root):
 
     def _hold(self, body: bytes) -> str:
         hub = self._hub
+        conn = self._conn
+        if len(conn.held) >= self.max_held:  # checked at the start too, but calls overlap
+            raise Overloaded(
+                f"{len(conn.held)} results already wait to be read on this connection; "
+                "read or release them"
+            )
         if hub.held_bytes + len(body) > self.max_held_bytes:
             raise Overloaded("too many paged results wait to be read; try again shortly")
-        conn = self._conn
         token = secrets.token_urlsafe(12)
         conn.held[token] = _Held(body, self.reactor.callLater(self.result_ttl, conn.drop, token))
         hub.held_bytes += len(body)
