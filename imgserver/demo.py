@@ -83,7 +83,7 @@ async def run_demo(reactor: Any, settings: Settings, args: argparse.Namespace) -
               f"  {_describe(data)}")
         print(f"  PB   info('logo.png') -> {await client.info('logo.png')}")
     finally:
-        client.disconnect()
+        await client.disconnect()
     stats = server.service.stats()
     print(f"\nprocessed {stats['processed']} images, cache {stats['cache']['hits']} hits / "
           f"{stats['cache']['misses']} misses, files loaded {stats['files']['loaded']} "

@@ -255,6 +255,16 @@ EXPECTATIONS: dict[str, Expect] = {
         ),
         checks=(_queue_totals, _queue_paused_rows_idle),
     ),
+    "image_client.py": Expect(
+        stdout=(
+            r"^  200 /images/photo\.jpg\?w=256&h=256&fit=crop +[\d.]+ ms  JPEG 256x256, ",
+            r"^  200 /images/logo\.png\?w=128&fm=jpg +[\d.]+ ms  JPEG 128x128, ",
+            r"^  404 /images/missing\.jpg\?w=10 +\{\"error\":\"not_found\"",
+            r"^  thumbnail\('photo\.jpg', 1600, None, 'clip'\) +[\d.]+ ms  JPEG 1600x1067, ",
+            r"^  thumbnail\('missing\.jpg'\) raised NotFound: ",
+            r"^server: \d+ images processed, cache \d+ hits / \d+ misses, 0 refused$",
+        ),
+    ),
     "light_heavy_split.py": Expect(
         stdout=(
             r"^300 files of 16-256 KiB \([\d.]+ MiB\) written to a temp dir and read once",
