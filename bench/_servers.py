@@ -436,6 +436,14 @@ class Window:
     def cpu_per_s(self) -> float:
         return self.cpu / self.wall if self.wall else float("nan")
 
+    def mark(self, what: str) -> None:
+        """``mark("start")`` / ``mark("end")``: the same as entering / leaving, for a
+        window opened and closed by callbacks (e.g. ``_load.closed_loop(mark=...)``)."""
+        if what == "start":
+            self.__enter__()
+        else:
+            self.__exit__(None, None, None)
+
 
 def load_average() -> str:
     try:
