@@ -1,10 +1,11 @@
 """Shared pieces of the HTTP server benchmarks: server subprocesses, wrk, /proc readings.
 
 Every process started here is put in a session of its own and registered, so
-that :func:`stop_all` (run at exit, on SIGTERM/SIGHUP and on Ctrl-C) can end
-its whole process group; on Linux each also gets ``PR_SET_PDEATHSIG`` =
-SIGKILL, so it dies even if the benchmark is killed with SIGKILL.  Everything
-listens and connects on 127.0.0.1 only.
+that :func:`stop_all` (run at exit and on SIGTERM/SIGHUP once a benchmark has
+called :func:`install_cleanup`) can end its whole process group; on Linux
+each also gets ``PR_SET_PDEATHSIG`` = SIGKILL, so it dies even if the
+benchmark is killed with SIGKILL.  Everything listens and connects on
+127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -106,9 +107,12 @@ def _on_signal(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-atexit.register(stop_all)
-for _sig in (signal.SIGTERM, signal.SIGHUP):
-    signal.signal(_sig, _on_signal)
+def install_cleanup() -> None:
+    """For a benchmark's main(): stop every Proc at exit and on SIGTERM/SIGHUP
+    (Ctrl-C raises KeyboardInterrupt, which the benchmarks' finally blocks handle)."""
+    atexit.register(stop_all)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
 
 
 def raise_fd_limit(wanted: int = 16384) -> int:

@@ -209,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--probe", nargs=2, metavar=("PORT", "PATH"), help=argparse.SUPPRESS)
     parser.add_argument("--probe-limit", type=float, default=300.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    _servers.install_cleanup()
     if args.probe:
         return probe_main(int(args.probe[0]), args.probe[1], args.probe_gap, args.probe_limit)
 

@@ -146,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured server load first, seconds")
     parser.add_argument("--profile", metavar="OUT", help="also profile the server with py-spy; stacks to OUT")
     args = parser.parse_args(argv)
+    _servers.install_cleanup()
 
     if not _servers.wrk_available():
         print("wrk not found: install it (Debian: apt-get install wrk)", file=sys.stderr)

@@ -151,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="load before each window, seconds, not measured (default 5)")
     parser.add_argument("--thumbor-processes", type=int, default=1, help="thumbor --processes (default 1)")
     args = parser.parse_args(argv)
+    _servers.install_cleanup()
 
     corpus = os.path.abspath(args.corpus)
     jpegs = corpus_files(corpus, (".jpg", ".jpeg"))
