@@ -58,7 +58,7 @@ def image_paths(root: str, files: Sequence[str], query: str = QUERY) -> list[str
 
 
 def profile_server(pid: int, port: int, paths: list[str], connections: int, seconds: float,
-                   out: str) -> None:
+                   out: str, workdir: str) -> None:
     """py-spy the server (all threads, native frames off, idle off) under the same load."""
     rate = 200
     py_spy = shutil.which("py-spy")
@@ -69,7 +69,7 @@ def profile_server(pid: int, port: int, paths: list[str], connections: int, seco
             "--format", "raw", "--output", out, "--threads", "--nonblocking"]
     spy = _servers.Proc("py-spy", argv, log=out + ".log")
     time.sleep(1.0)
-    _servers.run_wrk(port, paths, connections=connections, seconds=seconds)
+    _servers.run_wrk(port, paths, connections=connections, seconds=seconds, workdir=workdir)
     try:
         spy.popen.wait(seconds + 30)
     except subprocess.TimeoutExpired:
@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"WARNING: {problems} answers were not 200 (or failed)")
         if args.profile:
             profile_server(server.pid, port, paths, args.connections, args.seconds,
-                           os.path.abspath(args.profile))
+                           os.path.abspath(args.profile), work)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
