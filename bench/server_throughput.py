@@ -1,0 +1,247 @@
+"""imgserver over HTTP vs the raw Pillow pipeline: 256x256 crop JPEG q80 thumbnails.
+
+    python bench/server_throughput.py CORPUS [--seconds 8] [--rounds 4] [--connections 64]
+                                             [--workers 2] [--profile OUT]
+
+imgserver runs as a subprocess (this checkout; ``--workers 2``, result cache
+off, a queue big enough that nothing is refused) on 127.0.0.1 and serves
+``/images/<jpeg>?w=256&h=256&fit=crop&fm=jpg&q=80`` for every JPEG of the
+corpus in turn to wrk (C, one thread, keep-alive, ``--connections`` at once).
+The server's root is a temporary directory of hard links to the corpus JPEGs,
+several names per image, so that no two requests in flight are identical:
+imgserver shares one processing among identical requests, and cycling 24 URLs
+over 64 connections would measure that sharing (several times the raw rate),
+not the processing.  The table shows how many requests were shared (should be 0).
+The baseline is ``bench.pipeline.raw_pipeline_rate``: the same
+``processing`` function on the same images, already in memory, in as many
+plain threads as the server has workers, with no HTTP, no reactor and no
+load generator.  Rounds alternate the two, so machine noise hits both; the
+summary gives the best round of each, the median of the per-round ratios and
+images per CPU-second (which other processes on a shared machine disturb
+least).
+
+wrk shares the 2 cores with the server: its own CPU use is printed (CPU
+seconds per second), as is the server's and the share of the machine left
+idle.  ``--profile OUT`` adds an extra, unmeasured server run under
+``py-spy record`` (pip install py-spy) and prints where the server's time
+went; the collapsed stacks are written to OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Sequence
+
+import _common  # noqa: F401  (puts the project on sys.path)
+import _servers
+from _common import table
+
+import pipeline
+from pipeline import corpus_files, raw_pipeline_rate
+
+QUERY = "w=256&h=256&fit=crop&fm=jpg&q=80"
+
+
+def image_paths(root: str, files: Sequence[str], query: str = QUERY) -> list[str]:
+    from urllib.parse import quote
+
+    return [f"/images/{quote(os.path.relpath(p, root))}?{query}" for p in files]
+
+
+def profile_server(pid: int, port: int, paths: list[str], connections: int, seconds: float,
+                   out: str, workdir: str) -> None:
+    """py-spy the server (all threads, native frames off, idle off) under the same load."""
+    rate = 200
+    py_spy = shutil.which("py-spy")
+    if not py_spy:
+        print("\n--profile: py-spy not found (pip install py-spy)")
+        return
+    argv = [py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate),
+            "--format", "raw", "--output", out, "--threads", "--nonblocking"]
+    spy = _servers.Proc("py-spy", argv, log=out + ".log")
+    time.sleep(1.0)
+    _servers.run_wrk(port, paths, connections=connections, seconds=seconds, workdir=workdir)
+    try:
+        spy.popen.wait(seconds + 30)
+    except subprocess.TimeoutExpired:
+        pass
+    spy.stop()
+    _servers.wait_imgserver_idle(port)
+    if not os.path.exists(out):
+        print(f"\n--profile: py-spy wrote nothing:\n{spy.tail()}")
+        return
+    print(f"\nProfile of the server under the same load (py-spy, {seconds:g} s, stacks in {out}):")
+    print(summarize_profile(out, rate * seconds))
+
+
+def summarize_profile(path: str, samples_per_thread: float, top: int = 12) -> str:
+    """Busy share per thread, then the top functions by self time, overall and in
+    the reactor (main) thread.  py-spy without ``--idle`` leaves out samples of
+    threads that are waiting (sleeping, blocked in a system call, waiting for the GIL)."""
+    busy: collections.Counter[str] = collections.Counter()
+    self_all: collections.Counter[str] = collections.Counter()
+    incl_all: collections.Counter[str] = collections.Counter()
+    self_main: collections.Counter[str] = collections.Counter()
+    incl_main: collections.Counter[str] = collections.Counter()
+    total = main_total = 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack:
+                continue
+            n = int(count)
+            frames = stack.split(";")
+            thread = frames[0].partition("): ")[2] or frames[0]
+            thread = re.sub(r"-\d+$", "-*", thread)
+            funcs = [_short(fr) for fr in frames[1:]] or [thread]
+            busy[thread] += n
+            total += n
+            self_all[funcs[-1]] += n
+            for fn in set(funcs):
+                incl_all[fn] += n
+            if thread == "MainThread":
+                main_total += n
+                self_main[funcs[-1]] += n
+                for fn in set(funcs):
+                    incl_main[fn] += n
+    if not total:
+        return "(no samples)"
+    rows = [[t, n, f"{100 * n / total:.1f}%", f"{n / samples_per_thread:.2f}"] for t, n in busy.most_common()]
+    out = [table(["thread (* = several)", "samples", "share", "busy (threads)"], rows), ""]
+    rows = [[fn, f"{100 * n / total:.1f}%", f"{100 * incl_all[fn] / total:.1f}%"]
+            for fn, n in self_all.most_common(top)]
+    out += [table(["all threads: function", "self", "inclusive"], rows), ""]
+    if main_total:
+        rows = [[fn, f"{100 * n / main_total:.1f}%", f"{100 * incl_main[fn] / main_total:.1f}%"]
+                for fn, n in self_main.most_common(top)]
+        out.append(table(["reactor thread: function", "self", "inclusive"], rows))
+    return "\n".join(out)
+
+
+def _short(frame: str) -> str:
+    # "func (path/to/module.py:123)" -> "func (module.py)"
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    base = os.path.basename(where.rsplit(":", 1)[0]) if where else ""
+    return f"{name} ({base})" if base else name
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("corpus", help="directory of images (its JPEGs are used)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="seconds per measured run (default 8)")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of (server, raw), alternated (default 4)")
+    parser.add_argument("--connections", type=int, default=64, help="concurrent connections (default 64)")
+    parser.add_argument("--workers", type=int, default=2, help="server workers = raw pipeline threads (default 2)")
+    parser.add_argument("--max-queue", type=int, default=1000, help="server --max-queue (default 1000)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured server load first, seconds")
+    parser.add_argument("--profile", metavar="OUT", help="also profile the server with py-spy; stacks to OUT")
+    args = parser.parse_args(argv)
+    _servers.install_cleanup()
+
+    if not _servers.wrk_available():
+        print("wrk not found: install it (Debian: apt-get install wrk)", file=sys.stderr)
+        return 2
+    corpus = os.path.abspath(args.corpus)
+    jpegs = corpus_files(corpus, (".jpg", ".jpeg"))
+    if not jpegs:
+        parser.error(f"no JPEG files in {corpus}")
+    work = tempfile.mkdtemp(prefix="bench-throughput-")
+    root = os.path.join(work, "images")
+    copies = max(1, -(-4 * args.connections // len(jpegs)))
+    paths = image_paths(root, _servers.link_copies(jpegs, copies, root))
+    _servers.raise_fd_limit()
+
+    server, port = _servers.start_imgserver(root, workers=args.workers, max_queue=args.max_queue,
+                                            cache_mb=0, log_dir=work)
+    try:
+        status, _ = _servers.http_get(port, paths[0], timeout=30)
+        if status != 200:
+            raise RuntimeError(f"imgserver answered {status} for {paths[0]}:\n{server.tail()}")
+        print(f"{len(jpegs)} corpus JPEGs -> 256x256 crop JPEG q80; {os.cpu_count()} CPUs; "
+              f"load average {_servers.load_average()}")
+        print(f"server: imgserver (this checkout) --workers {args.workers} --cache-mb 0 "
+              f"--max-queue {args.max_queue} --quiet, pid {server.pid}")
+        print(f"load:   {_servers.wrk_version()}, 1 thread, {args.connections} keep-alive connections, "
+              f"{len(paths)} URLs cycled ({copies} hard-linked names per JPEG)")
+        print(f"raw:    bench.pipeline.raw_pipeline_rate, {args.workers} threads, images in memory")
+        print(f"{args.rounds} rounds of {args.seconds:g} s each (server and raw, alternated)\n")
+
+        if args.warmup > 0:
+            _servers.run_wrk(port, paths, connections=args.connections, seconds=args.warmup, workdir=work)
+            _servers.wait_imgserver_idle(port)
+
+        rows = []
+        rates: dict[str, list[float]] = {"server": [], "raw": []}
+        per_cpu: dict[str, list[float]] = {"server": [], "raw": []}
+        problems = 0
+        for r in range(args.rounds):
+            order = ("server", "raw") if r % 2 == 0 else ("raw", "server")
+            for which in order:
+                if which == "server":
+                    shared0 = _servers.metric(port, "imgserver_coalesced_total") or 0
+                    with _servers.Window([server.pid]) as win:
+                        res = _servers.run_wrk(port, paths, connections=args.connections,
+                                               seconds=args.seconds, workdir=work)
+                    shared = (_servers.metric(port, "imgserver_coalesced_total") or 0) - shared0
+                    rate, cpu = res.ok_rate, win.cpu_per_s
+                    problems += res.other
+                    rows.append([f"imgserver over HTTP ({args.connections} conns)", r + 1, rate,
+                                 f"{cpu:.2f}", rate / cpu, f"{res.cpu / res.seconds:.2f}", f"{win.idle:.2f}",
+                                 f"{res.latency_ms['p50']:.0f} / {res.latency_ms['p99']:.0f}",
+                                 f"{res.ok} ok, {res.other} other, {shared:.0f} shared"])
+                    _servers.wait_imgserver_idle(port)
+                else:
+                    idle0 = _servers.system_idle()
+                    rate = raw_pipeline_rate(jpegs, args.workers, args.seconds)
+                    cpu = pipeline.last_cpu_use
+                    idle = _servers.idle_share(idle0, _servers.system_idle())
+                    rows.append([f"raw pipeline ({args.workers} threads)", r + 1, rate,
+                                 f"{cpu:.2f}", rate / cpu, "-", f"{idle:.2f}", "-", "-"])
+                rates[which].append(rate)
+                per_cpu[which].append(rate / cpu)
+
+        print(table(["approach", "round", "images/s", "cpu s/s", "images/cpu-s", "wrk cpu s/s", "idle",
+                     "p50 / p99 ms", "answers"], rows))
+        print()
+        pct = lambda a, b: f"{100 * a / b:.0f}%" if b else "n/a"
+        paired = sorted(s / r for s, r in zip(rates["server"], rates["raw"]))
+        summary = [
+            ["images/s, best round of each", max(rates["server"]), max(rates["raw"]),
+             pct(max(rates["server"]), max(rates["raw"]))],
+            ["images/s, median of the per-round ratios", "-", "-", f"{100 * statistics.median(paired):.0f}%"],
+            ["images per CPU-second, best round of each", max(per_cpu["server"]), max(per_cpu["raw"]),
+             pct(max(per_cpu["server"]), max(per_cpu["raw"]))],
+        ]
+        print(table(["imgserver vs raw pipeline (target >= 85%)", "imgserver", "raw", "ratio"], summary))
+        print("\ncpu s/s: CPU seconds per second used by the server process (all threads) or by the "
+              "raw pipeline's process; images/cpu-s: images per CPU-second (less sensitive to other "
+              "processes on the machine); wrk cpu: the load generator's; idle: share of the machine's "
+              "CPU left idle; shared: requests answered by another identical request's processing.")
+        print(f"load average after: {_servers.load_average()}")
+        if problems:
+            print(f"WARNING: {problems} answers were not 200 (or failed)")
+        if args.profile:
+            profile_server(server.pid, port, paths, args.connections, args.seconds,
+                           os.path.abspath(args.profile), work)
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted: servers stopped", file=sys.stderr)
+        sys.exit(130)
