@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--demo", action="store_true",
                         help="serve on free local ports, fetch a few images from itself, print, exit")
     parser.add_argument("--quiet", action="store_true", help="no access log on stdout")
+    parser.add_argument("--switch-interval", type=float, default=0.001,
+                        help="Python's GIL switch interval in seconds: how long the reactor thread may "
+                             "wait for a busy worker thread to let go (Python's default is 0.005)")
     return parser
 
 
@@ -129,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = settings_from_args(args)
     except ValueError as e:
         build_parser().error(str(e))
+    sys.setswitchinterval(args.switch_interval)
     if args.demo:
         from .demo import run_demo
 

@@ -124,6 +124,7 @@ class ImageService:
         self.in_processing = 0
         self.served = 0
         self.coalesced = 0
+        self.rejected_early = 0
         self.processing_seconds: list[float] = []  # recent samples, for tests and stats
         self._observers: list[Callable[[str, float], None]] = []
         self._started = False
@@ -209,12 +210,31 @@ class ImageService:
 
         return defer.Deferred.fromCoroutine(go())
 
+    def _heavy_full(self) -> bool:
+        heavy = self.heavy
+        return heavy.active >= heavy.limit and heavy.max_waiting is not None and heavy.waiting >= heavy.max_waiting
+
+    def _recently_located(self, url_path: str | bytes) -> bool:
+        try:
+            key = "/".join(paths.split_url_path(url_path))
+        except Exception:
+            return False
+        known = self._located.get(key)
+        return known is not None and known[0] > self._clock()
+
     def _check_size(self, located: Located) -> None:
         if located.size > self.settings.max_file_bytes:
             raise TooLarge(f"the image is over {self.settings.max_file_mb} MB")
 
     def _cached(self, url_path: str | bytes, variant: str,
                 run: Callable[[bytes], Any]) -> defer.Deferred[Any]:
+        if self._heavy_full() and not self._recently_located(url_path):
+            # Busy, and no cached answer can be known without a lookup in the
+            # I/O pool: say so at once (the cheapest answer during a burst).
+            self.rejected_early += 1
+            return defer.fail(Overloaded("too many images in processing; try again shortly",
+                                         retry_after=1))
+
         async def go() -> Any:
             located = await self.locate(url_path)
             key = (located.version, variant)
@@ -301,7 +321,7 @@ class ImageService:
             "heavy_active": heavy["active"],
             "queued": heavy["waiting"],
             "max_queue": heavy["max_waiting"],
-            "rejected": heavy["rejected"],
+            "rejected": heavy["rejected"] + self.rejected_early,
             "processed": self.served,
             "coalesced": self.coalesced,
             "cache": self.cache.stats(),
