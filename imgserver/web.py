@@ -24,7 +24,7 @@ from twisted.web import http, resource, server
 from asyncfile import ConsumerStopped
 
 from . import signing
-from .conditional import Unsatisfiable, http_date, not_modified, parse_range
+from .conditional import Unsatisfiable, http_date, not_modified, parse_range, range_applies
 from .errors import BadRequest, ImageServerError, InternalError, NotFound, Timeout, error_body, error_headers, error_status
 from .metrics import Metrics, MetricsResource
 from .params import parse_transform
@@ -161,16 +161,18 @@ class ImagesResource(_AsyncResource):
             return
         request.setHeader(b"Content-Type", content_type.encode())
         offset, length = 0, located.size
+        range_header = _header(request, b"range")
+        if range_header is not None and not range_applies(_header(request, b"if-range"), located.etag,
+                                                          mtime, time.time()):
+            range_header = None  # the client's copy is stale: send it all
         try:
-            wanted = parse_range(_header(request, b"range"), located.size)
+            wanted = parse_range(range_header, located.size)
         except Unsatisfiable:
             request.setResponseCode(http.REQUESTED_RANGE_NOT_SATISFIABLE)
             request.setHeader(b"Content-Range", f"bytes */{located.size}".encode())
             request.setHeader(b"Content-Length", b"0")
             request.finish()
             return
-        if wanted is not None and _header(request, b"if-range") not in (None, located.etag):
-            wanted = None  # the client's copy is stale: send it all
         if wanted is not None:
             offset, length = wanted
             request.setResponseCode(http.PARTIAL_CONTENT)
@@ -195,9 +197,12 @@ class ImagesResource(_AsyncResource):
     async def _transformed(self, request: Any, raw: bytes, spec: Any) -> None:
         located = await self.service.locate(raw)
         etag = '"' + hashlib.blake2b(f"{located.etag}|{spec.cache_key()}".encode(), digest_size=12).hexdigest() + '"'
+        mtime = located.mtime_ns / 1e9
         request.setHeader(b"ETag", etag.encode())
+        request.setHeader(b"Last-Modified", http_date(mtime).encode())
         request.setHeader(b"Cache-Control", CACHE_CONTROL)
-        if not_modified(etag, located.mtime_ns / 1e9, _header(request, b"if-none-match"), None):
+        if not_modified(etag, mtime, _header(request, b"if-none-match"),
+                        _header(request, b"if-modified-since")):
             request.setResponseCode(http.NOT_MODIFIED)
             request.finish()
             return
