@@ -39,12 +39,36 @@ CACHE_CONTROL = b"public, max-age=86400"
 
 
 class ImageRequest(server.Request):
-    """A request that knows when it started and which endpoint served it."""
+    """A request that knows when it started and which endpoint served it, and
+    answers the errors twisted.web itself would render as HTML in JSON."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.started_at = time.monotonic()
         self.endpoint = "other"
+
+    def render(self, resrc: resource.Resource) -> None:
+        super().render(_JSONMethodErrors(resrc))
+
+    def processingFailed(self, reason: Failure) -> None:
+        log.failure("unexpected error serving {uri}", reason, uri=self.uri.decode("latin-1")[:200])
+        _send_error(self, InternalError("internal error"))
+
+
+class _JSONMethodErrors:
+    """Renders ``resrc``; a method it does not support is a JSON 405."""
+
+    def __init__(self, resrc: resource.Resource) -> None:
+        self.resrc = resrc
+
+    def render(self, request: Any) -> Any:
+        try:
+            return self.resrc.render(request)
+        except resource.UnsupportedMethod as e:
+            allowed = sorted(set(e.allowedMethods) | ({b"HEAD"} if b"GET" in e.allowedMethods else set()))
+            request.setHeader(b"Allow", b", ".join(allowed))
+            _send_error(request, MethodNotAllowed(f"use {', '.join(m.decode() for m in allowed)}"))
+            return server.NOT_DONE_YET
 
 
 class ImageSite(server.Site):
@@ -72,11 +96,29 @@ class ImageSite(server.Site):
         )
 
 
+class MethodNotAllowed(ImageServerError):
+    status = 405
+    code = "method_not_allowed"
+    default_message = "method not allowed"
+
+
+#: Headers that describe a representation: an error answer must not carry them.
+_REPRESENTATION_HEADERS = (b"etag", b"last-modified", b"accept-ranges", b"content-range", b"content-type")
+
+
 def _send_error(request: server.Request, err: BaseException) -> None:
     if request.finished or request._disconnected:
         return
+    if request.startedWriting:
+        # Too late for a status: the client would take the error for the end
+        # of the body.  Cut the answer short instead.
+        if request.channel is not None:
+            request.channel.transport.abortConnection()
+        return
     status = error_status(err)
     request.setResponseCode(status)
+    for name in _REPRESENTATION_HEADERS:
+        request.responseHeaders.removeHeader(name)
     for name, value in error_headers(err):
         request.setHeader(name, value)
     body = error_body(err)
