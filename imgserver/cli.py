@@ -99,15 +99,29 @@ class Server:
             log.info("Perspective Broker on {address}", address=self.pb_port.getHost())
 
     async def stop(self, grace: float = DEFAULT_GRACE) -> None:
-        """Stop accepting, wait (at most ``grace`` s) for work in flight, stop the service."""
+        """Stop accepting; wait (at most ``grace`` s) until the work in flight is
+        done and every answer is sent; close the connections; stop the service.
+
+        An answer is only sent once it left the connection's send buffer, so
+        connections are closed gracefully (after their buffers are flushed)
+        rather than dropped with the reactor; whatever is left at the deadline
+        is aborted.
+        """
         await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
         self.ports = []
         deadline = self.reactor.seconds() + grace
-        while self.service.busy() and self.reactor.seconds() < deadline:
-            await task.deferLater(self.reactor, 0.05, lambda: None)
-        if self.service.busy():
-            log.warn("{n} images still in processing after {grace} s: stopping anyway",
-                     n=self.service.busy(), grace=grace)
+
+        def busy() -> int:
+            return self.service.busy() + len(self.site.requests)
+
+        while busy() and self.reactor.seconds() < deadline:
+            await task.deferLater(self.reactor, 0.02, lambda: None)
+        if busy():
+            log.warn("{n} requests still in flight after {grace} s: stopping anyway", n=busy(), grace=grace)
+        self.site.close_connections()
+        while self.site.channels and self.reactor.seconds() < deadline:
+            await task.deferLater(self.reactor, 0.02, lambda: None)
+        self.site.close_connections(abort=True)
         self.service.stop()
 
 

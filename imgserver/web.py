@@ -42,10 +42,27 @@ class ImageRequest(server.Request):
     """A request that knows when it started and which endpoint served it, and
     answers the errors twisted.web itself would render as HTML in JSON."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, *args, **kwargs)
         self.started_at = time.monotonic()
         self.endpoint = "other"
+        site = getattr(channel, "site", None)
+        self._tracker = site if isinstance(site, ImageSite) else None
+        if self._tracker is not None:
+            self._tracker.requests.add(self)
+
+    def _ended(self) -> None:
+        if self._tracker is not None:
+            self._tracker.requests.discard(self)
+            self._tracker = None
+
+    def finish(self) -> None:
+        super().finish()
+        self._ended()
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self._ended()
 
     def render(self, resrc: resource.Resource) -> None:
         super().render(_JSONMethodErrors(resrc))
@@ -72,6 +89,9 @@ class _JSONMethodErrors:
 
 
 class ImageSite(server.Site):
+    """The site, which also keeps track of its connections and of the requests
+    not yet answered, for a graceful stop."""
+
     requestFactory = ImageRequest
 
     def __init__(self, root: resource.Resource, service: ImageService, metrics: Metrics) -> None:
@@ -79,6 +99,35 @@ class ImageSite(server.Site):
         self.service = service
         self.metrics = metrics
         self.displayTracebacks = False
+        #: Requests received and not yet finished (or given up by their client).
+        self.requests: set[ImageRequest] = set()
+        #: Open HTTP connections, busy or idle: channel -> its transport.
+        self.channels: dict[Any, Any] = {}
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        if channel is None:
+            return None
+        made, lost = channel.makeConnection, channel.connectionLost
+
+        def make_connection(transport: Any) -> None:
+            self.channels[channel] = transport
+            made(transport)
+
+        def connection_lost(reason: Failure) -> None:
+            self.channels.pop(channel, None)
+            lost(reason)
+
+        channel.makeConnection, channel.connectionLost = make_connection, connection_lost
+        return channel
+
+    def close_connections(self, abort: bool = False) -> None:
+        """Close every connection: once what it was sent is flushed, or at once (``abort``)."""
+        for transport in list(self.channels.values()):
+            if abort:
+                transport.abortConnection()
+            else:
+                transport.loseConnection()
 
     def log(self, request: ImageRequest) -> None:
         """One access-log line per request, through twisted.logger."""
