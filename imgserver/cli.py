@@ -19,7 +19,7 @@ from dataclasses import fields
 from typing import Any, Sequence
 
 from twisted.internet import defer, endpoints, task
-from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.logger import FilteringLogObserver, Logger, PredicateResult, globalLogBeginner, textFileLogObserver
 
 from .metrics import Metrics
 from .service import ImageService
@@ -137,6 +137,12 @@ async def _serve(reactor: Any, args: argparse.Namespace, settings: Settings) -> 
     await defer.Deferred()  # until a signal stops the reactor
 
 
+def _not_access_log(event: dict[str, Any]) -> PredicateResult:
+    if event.get("log_namespace") == "imgserver.access":
+        return PredicateResult.no
+    return PredicateResult.maybe
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
@@ -148,8 +154,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         task.react(lambda reactor: defer.Deferred.fromCoroutine(run_demo(reactor, settings, args)))
         return
-    if not args.quiet:
-        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    observer: Any = textFileLogObserver(sys.stdout)
+    if args.quiet:  # everything but the access log: start-up, warnings and errors still show
+        observer = FilteringLogObserver(observer, [_not_access_log])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     task.react(lambda reactor: defer.Deferred.fromCoroutine(_serve(reactor, args, settings)))
 
 
