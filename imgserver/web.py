@@ -37,6 +37,10 @@ log = Logger(namespace="imgserver.web")
 
 CACHE_CONTROL = b"public, max-age=86400"
 
+#: Logged (never sent) for a request whose client went away before the answer
+#: started: nginx's convention.
+CLIENT_CLOSED_REQUEST = 499
+
 
 class ImageRequest(server.Request):
     """A request that knows when it started and which endpoint served it, and
@@ -61,6 +65,12 @@ class ImageRequest(server.Request):
         self._ended()
 
     def connectionLost(self, reason: Failure) -> None:
+        site = getattr(self, "site", None)  # set once the request was complete and dispatched
+        if not self.finished and isinstance(site, ImageSite):
+            # The client gave up first: still one access-log line (and a count).
+            if not self.startedWriting:
+                self.code = CLIENT_CLOSED_REQUEST
+            site.log(self)
         super().connectionLost(reason)
         self._ended()
 
