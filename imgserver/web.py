@@ -146,7 +146,7 @@ class ImageSite(server.Site):
         self.metrics.count(getattr(request, "endpoint", "other"), status)
         access_log.info(
             "{client} {method} {uri} {status} {bytes} {ms:.1f}ms",
-            client=request.getClientAddress().host if request.getClientAddress() else "-",
+            client=getattr(request.getClientAddress(), "host", None) or "-",  # a UNIX socket has no host
             method=request.method.decode("latin-1"),
             uri=request.uri.decode("latin-1")[:512],
             status=status,
