@@ -226,10 +226,16 @@ class _AsyncResource(resource.Resource):
             err = InternalError("internal error")
         _send_error(request, err)
 
-    def _image_path(self, request: Any, prefix: bytes) -> bytes:
-        """The raw (still percent-encoded) path after ``prefix``, checked
-        against the signature when the server has a secret."""
-        raw = request.path[len(prefix):]
+    def _image_path(self, request: Any) -> bytes:
+        """The raw (still percent-encoded) image path, checked against the
+        signature when the server has a secret.
+
+        twisted.web chose this resource by the first path segment, decoded
+        (``/images/``, ``/%69mages/``, ...): the image path is whatever
+        follows that segment as it was sent, not a fixed number of bytes.
+        """
+        parts = request.path.split(b"/", 2)  # b"", the endpoint, the rest
+        raw = parts[2] if len(parts) == 3 else b""
         if self.settings.signed:
             signing.verify(self.settings.secret, raw, request.args)
         return raw
@@ -239,7 +245,7 @@ class ImagesResource(_AsyncResource):
     endpoint = "images"
 
     async def handle(self, request: Any) -> None:
-        raw = self._image_path(request, b"/images/")
+        raw = self._image_path(request)
         args = {k: v for k, v in request.args.items() if k != b"s"}
         spec = parse_transform(args, max_dimension=self.settings.max_dimension,
                                default_quality=self.settings.default_quality)
@@ -319,7 +325,7 @@ class InfoResource(_AsyncResource):
     endpoint = "info"
 
     async def handle(self, request: Any) -> None:
-        raw = self._image_path(request, b"/info/")
+        raw = self._image_path(request)
         info = await self.service.info(raw)
         body = json.dumps(info).encode()
         request.setHeader(b"Content-Type", b"application/json")
