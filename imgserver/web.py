@@ -204,20 +204,39 @@ class _AsyncResource(resource.Resource):
 
     def render_GET(self, request: Any) -> Any:
         request.endpoint = self.endpoint
+        request.timed_out = False
         d = defer.Deferred.fromCoroutine(self.handle(request))
         timeout = self.settings.timeout
-        if timeout:
-            d.addTimeout(timeout, self.service.reactor)
+        if timeout and not d.called:
+            timer = self.service.reactor.callLater(timeout, self._time_out, request, d)
+            request.answer_timer = timer
+            d.addBoth(self._answered, request)
         d.addErrback(self._failed, request)
         request.notifyFinish().addErrback(lambda _: d.cancel())
         return server.NOT_DONE_YET
 
     render_HEAD = render_GET
 
+    @staticmethod
+    def _time_out(request: Any, d: defer.Deferred[Any]) -> None:
+        request.answer_timer = None
+        request.timed_out = True
+        d.cancel()
+
+    @staticmethod
+    def _answered(result: Any, request: Any) -> Any:
+        """The answer is known: the timeout no longer applies."""
+        timer = getattr(request, "answer_timer", None)
+        if timer is not None:
+            request.answer_timer = None
+            if timer.active():
+                timer.cancel()
+        return result
+
     def _failed(self, failure: Failure, request: Any) -> None:
         if request.finished or request._disconnected:
             return  # the client went away: nothing to answer
-        if failure.check(defer.TimeoutError, defer.CancelledError):
+        if failure.check(defer.TimeoutError) or (failure.check(defer.CancelledError) and request.timed_out):
             err: BaseException = Timeout("the image took too long")
         elif failure.check(ImageServerError):
             err = failure.value
@@ -289,6 +308,9 @@ class ImagesResource(_AsyncResource):
         if request.method == b"HEAD" or length == 0:
             request.finish()
             return
+        # The answer starts now: the timeout bounds the wait for it, not the
+        # transfer (a large original to a slow client may take its time).
+        self._answered(None, request)
         try:
             sent = await self.service.loader.stream(located.real_path, request, offset, length)
         except ConsumerStopped:
