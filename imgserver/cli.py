@@ -102,6 +102,8 @@ class Server:
         """Stop accepting; wait (at most ``grace`` s) until the work in flight is
         done and every answer is sent; close the connections; stop the service.
 
+        Idle kept-alive connections close at once and busy ones after their
+        answer, so clients cannot keep the server busy past the grace period.
         An answer is only sent once it left the connection's send buffer, so
         connections are closed gracefully (after their buffers are flushed)
         rather than dropped with the reactor; whatever is left at the deadline
@@ -109,6 +111,7 @@ class Server:
         """
         await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
         self.ports = []
+        self.site.drain()
         deadline = self.reactor.seconds() + grace
 
         def busy() -> int:

@@ -64,6 +64,19 @@ class ImageRequest(server.Request):
         super().finish()
         self._ended()
 
+    def process(self) -> None:
+        site = getattr(self.channel, "site", None)
+        if isinstance(site, ImageSite) and site.stopping:
+            self.close_after_answer()  # arrived on a kept-alive connection while stopping
+        super().process()
+
+    def close_after_answer(self) -> None:
+        """Close the connection once this request is answered (no keep-alive)."""
+        if self.channel is not None:
+            self.channel.persistent = False
+        if not self.startedWriting:
+            self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+
     def connectionLost(self, reason: Failure) -> None:
         site = getattr(self, "site", None)  # set once the request was complete and dispatched
         if not self.finished and isinstance(site, ImageSite):
@@ -113,6 +126,8 @@ class ImageSite(server.Site):
         self.requests: set[ImageRequest] = set()
         #: Open HTTP connections, busy or idle: channel -> its transport.
         self.channels: dict[Any, Any] = {}
+        #: Set by drain(): connections are no longer kept alive.
+        self.stopping = False
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
@@ -130,6 +145,20 @@ class ImageSite(server.Site):
 
         channel.makeConnection, channel.connectionLost = make_connection, connection_lost
         return channel
+
+    def drain(self) -> None:
+        """Stop keeping connections alive: idle ones close now (once flushed),
+        busy ones right after their answer; requests still arriving on them
+        are answered with ``Connection: close``."""
+        self.stopping = True
+        busy = set()
+        for request in list(self.requests):
+            if request.channel is not None:
+                busy.add(request.channel.transport)
+                request.close_after_answer()
+        for transport in list(self.channels.values()):
+            if transport not in busy:
+                transport.loseConnection()
 
     def close_connections(self, abort: bool = False) -> None:
         """Close every connection: once what it was sent is flushed, or at once (``abort``)."""
