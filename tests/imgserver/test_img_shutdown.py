@@ -6,6 +6,7 @@ idle connections are closed, and the process exits 0 within the grace period.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from http_helpers import Client, Servers, get_reactor, port_of, sleep, slow_reader, wait_for
+from http_helpers import Client, Servers, get_reactor, port_of, raw_request, sleep, slow_reader, wait_for
 from img_helpers import encode
 from PIL import Image
 from twisted.internet import defer, protocol
@@ -212,6 +213,38 @@ async def test_stop_closes_idle_keep_alive_connections(servers):
         await server.stop(grace=10)
         assert time.monotonic() - started < 1
         await wait_for(reactor, lambda: not server.site.channels, timeout=2, what="connections closed")
+    finally:
+        await pool.closeCachedConnections()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_closes_idle_connections_at_once_and_busy_ones_after_their_answer(servers, slow_root):
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    reactor = get_reactor()
+    server, _ = await servers.start(root=str(slow_root), workers=1)
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    agent = Agent(reactor, pool=pool)
+    base = f"http://127.0.0.1:{port_of(server)}".encode()
+    try:
+        busy = defer.Deferred.fromCoroutine(raw_request(  # HTTP/1.1: kept alive unless told otherwise
+            reactor, port_of(server), b"GET /images/big.jpg?fm=webp&w=1500 HTTP/1.1\r\nHost: x\r\n\r\n"))
+        await wait_for(reactor, lambda: server.service.stats()["in_processing"] == 1, what="processing")
+        idle = await Client._read(await agent.request(b"GET", base + b"/healthz"))
+        assert idle.code == 200 and idle.header("connection") is None  # kept alive
+        await sleep(reactor, 0.01)
+        assert len(server.site.channels) == 2
+        started = time.monotonic()
+        stopping = defer.Deferred.fromCoroutine(server.stop(grace=10))
+        await wait_for(reactor, lambda: len(server.site.channels) == 1, timeout=0.5,
+                       what="the idle connection to close")
+        assert not stopping.called
+        head, _, body = (await busy).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"\r\nConnection: close\r\n" in head
+        assert Image.open(io.BytesIO(body)).size == (1500, 1000)
+        await stopping
+        assert time.monotonic() - started < 2  # did not wait for the grace period
+        assert not server.site.channels
     finally:
         await pool.closeCachedConnections()
 
