@@ -7,6 +7,10 @@
     GET      /metrics                    Prometheus text format
 
 Errors are a status and a short JSON body; never a traceback or a path.
+``timeout`` bounds the wait for an answer (504), not the transfer of an
+original.  Every request gets one access-log line (namespace
+``imgserver.access``) and a count in ``imgserver_requests``; one whose
+client left before the answer started is logged as 499.
 """
 
 from __future__ import annotations
