@@ -881,6 +881,19 @@ async def test_clients_that_disconnect_cancel_their_work(servers, zoo):
 
 
 @pytest_twisted.ensureDeferred
+async def test_identical_requests_share_one_processing(servers, zoo):
+    from twisted.internet import defer
+
+    server, client = await servers.start(root=str(zoo), workers=1)
+    replies = await defer.gatherResults([client.get(slow(900)) for _ in range(5)], consumeErrors=True)
+    assert {r.code for r in replies} == {200}
+    assert len({r.body for r in replies}) == 1
+    stats = server.service.stats()
+    assert stats["processed"] == 1
+    assert stats["coalesced"] + stats["cache"]["hits"] == 4
+
+
+@pytest_twisted.ensureDeferred
 async def test_coalesced_waiter_leaving_does_not_cancel_the_others(servers, zoo):
     server, client = await servers.start(root=str(zoo), workers=1, max_queue=20)
     service = server.service
