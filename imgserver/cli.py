@@ -19,7 +19,7 @@ from dataclasses import fields
 from typing import Any, Sequence
 
 from twisted.internet import defer, endpoints, task
-from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.logger import FilteringLogObserver, Logger, PredicateResult, globalLogBeginner, textFileLogObserver
 
 from .metrics import Metrics
 from .service import ImageService
@@ -102,15 +102,32 @@ class Server:
             log.info("Perspective Broker on {address}", address=self.pb_port.getHost())
 
     async def stop(self, grace: float = DEFAULT_GRACE) -> None:
-        """Stop accepting, wait (at most ``grace`` s) for work in flight, stop the service."""
+        """Stop accepting; wait (at most ``grace`` s) until the work in flight is
+        done and every answer is sent; close the connections; stop the service.
+
+        Idle kept-alive connections close at once and busy ones after their
+        answer, so clients cannot keep the server busy past the grace period.
+        An answer is only sent once it left the connection's send buffer, so
+        connections are closed gracefully (after their buffers are flushed)
+        rather than dropped with the reactor; whatever is left at the deadline
+        is aborted.
+        """
         await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
         self.ports = []
+        self.site.drain()
         deadline = self.reactor.seconds() + grace
-        while self.service.busy() and self.reactor.seconds() < deadline:
-            await task.deferLater(self.reactor, 0.05, lambda: None)
-        if self.service.busy():
-            log.warn("{n} images still in processing after {grace} s: stopping anyway",
-                     n=self.service.busy(), grace=grace)
+
+        def busy() -> int:
+            return self.service.busy() + len(self.site.requests)
+
+        while busy() and self.reactor.seconds() < deadline:
+            await task.deferLater(self.reactor, 0.02, lambda: None)
+        if busy():
+            log.warn("{n} requests still in flight after {grace} s: stopping anyway", n=busy(), grace=grace)
+        self.site.close_connections()
+        while self.site.channels and self.reactor.seconds() < deadline:
+            await task.deferLater(self.reactor, 0.02, lambda: None)
+        self.site.close_connections(abort=True)
         self.service.stop()
 
 
@@ -126,6 +143,12 @@ async def _serve(reactor: Any, args: argparse.Namespace, settings: Settings) -> 
     await defer.Deferred()  # until a signal stops the reactor
 
 
+def _not_access_log(event: dict[str, Any]) -> PredicateResult:
+    if event.get("log_namespace") == "imgserver.access":
+        return PredicateResult.no
+    return PredicateResult.maybe
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
@@ -138,8 +161,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         task.react(lambda reactor: defer.Deferred.fromCoroutine(run_demo(reactor, settings, args)))
         return
-    if not args.quiet:
-        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    observer: Any = textFileLogObserver(sys.stdout)
+    if args.quiet:  # everything but the access log: start-up, warnings and errors still show
+        observer = FilteringLogObserver(observer, [_not_access_log])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     task.react(lambda reactor: defer.Deferred.fromCoroutine(_serve(reactor, args, settings)))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from email.utils import formatdate, parsedate_to_datetime
 
-__all__ = ["not_modified", "parse_range", "http_date", "Unsatisfiable"]
+__all__ = ["not_modified", "parse_range", "range_applies", "http_date", "Unsatisfiable"]
 
 
 class Unsatisfiable(Exception):
@@ -28,12 +28,35 @@ def not_modified(etag: str, mtime: float, if_none_match: str | None, if_modified
         tags = _etags(if_none_match)
         return "*" in tags or etag.removeprefix("W/") in tags
     if if_modified_since is not None:
-        try:
-            since = parsedate_to_datetime(if_modified_since).timestamp()
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return False
-        return int(mtime) <= since
+        since = _parse_date(if_modified_since)
+        return since is not None and int(mtime) <= since
     return False
+
+
+def _parse_date(value: str) -> float | None:
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def range_applies(if_range: str | None, etag: str, mtime: float, now: float) -> bool:
+    """Whether a Range may be honoured, given the request's If-Range (§13.1.5).
+
+    Without If-Range, yes.  An entity tag must be strong and equal to the
+    current ``etag``; a date must equal the Last-Modified second, and only
+    counts if that is a strong validator, i.e. at least a second older than
+    ``now`` (§8.8.2.2).  Anything else: send the whole representation.
+    """
+    if if_range is None:
+        return True
+    value = if_range.strip()
+    if value.startswith(("W/", '"')):
+        return value == etag and not etag.startswith("W/")
+    since = _parse_date(value)
+    if since is None:
+        return False
+    return int(mtime) == since and mtime <= now - 1
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -63,12 +86,13 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         if not first.isdigit() or (last and not last.isdigit()):
             return None
         start = int(first)
-        end = int(last) if last else size - 1
+        end = int(last) if last else None
     except ValueError:
         return None
-    if end < start:
-        return None
-    if start >= size:
+    if end is not None and end < start:
+        return None  # an invalid range-spec: the header is ignored (RFC 9110 §14.1.1)
+    if start >= size:  # also "bytes=<size>-": no byte satisfies it
         raise Unsatisfiable()
+    end = size - 1 if end is None else end
     end = min(end, size - 1)
     return start, end - start + 1

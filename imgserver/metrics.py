@@ -73,5 +73,6 @@ class MetricsResource(resource.Resource):
         self.metrics = metrics
 
     def render_GET(self, request: Any) -> bytes:
+        request.endpoint = "metrics"
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         return self.metrics.render()

@@ -128,17 +128,26 @@ class ImageService:
         self.processing_seconds: list[float] = []  # recent samples, for tests and stats
         self._observers: list[Callable[[str, float], None]] = []
         self._started = False
+        self._trigger: Any = None
 
     # -- life cycle -----------------------------------------------------
     def start(self) -> None:
         if not self._started:
             self._started = True
             self.pool.start()
-            self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+            self._trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
 
     def stop(self) -> None:
         if self._started:
             self._started = False
+            if self._trigger is not None:
+                # Stopped before the reactor: the reactor must not keep the
+                # service (and its result cache) alive until it shuts down.
+                try:
+                    self.reactor.removeSystemEventTrigger(self._trigger)
+                except (ValueError, KeyError, TypeError):
+                    pass  # already running it: the reactor is shutting down
+                self._trigger = None
             self.pool.stop()
             self.meta_pool.stop()
             self.loader.close()
