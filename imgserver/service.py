@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -88,6 +89,24 @@ def _locate_blocking(root: str, url_path: str) -> Located:
     if not stat.S_ISREG(st.st_mode):
         raise NotFound("no such image")
     return Located(url_path, real, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+#: Nice value of the worker threads (Linux sets it per thread): decodes yield
+#: the CPU to the reactor thread, so light requests (cache hits, 503s) stay
+#: fast while every core decodes.
+WORKER_NICE = 10
+
+_lowered = threading.local()
+
+
+def _in_worker(run: Callable[[bytes], Any], data: bytes) -> Any:
+    if not getattr(_lowered, "done", False):
+        _lowered.done = True
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
+        except (AttributeError, OSError):
+            pass  # not Linux, or not allowed: run at normal priority
+    return run(data)
 
 
 class _Flight:
@@ -306,7 +325,7 @@ class ImageService:
             self.in_processing += 1
             started = time.perf_counter()
             try:
-                result = await threads.deferToThreadPool(self.reactor, self.pool, run, data)
+                result = await threads.deferToThreadPool(self.reactor, self.pool, _in_worker, run, data)
             finally:
                 self.in_processing -= 1
                 flight.in_thread = False
