@@ -93,6 +93,7 @@ IORING_ASYNC_CANCEL_ANY = 1 << 2
 IORING_REGISTER_EVENTFD = 4
 IORING_UNREGISTER_EVENTFD = 5
 IORING_REGISTER_PROBE = 8
+IORING_REGISTER_IOWQ_MAX_WORKERS = 19
 IO_URING_OP_SUPPORTED = 1 << 0
 
 IORING_OFF_SQ_RING = 0
@@ -817,6 +818,24 @@ class Ring:
             raise RingClosed("ring is closed")
         _register(self.fd, IORING_UNREGISTER_EVENTFD, 0, 0)
         self._eventfd = None
+
+    def register_iowq_max_workers(self, bounded: int = 0,
+                                  unbounded: int = 0) -> tuple[int, int]:
+        """Cap the kernel's io-wq worker threads (Linux 5.15+); 0 keeps a limit.
+
+        Operations that cannot complete without blocking (reads of FUSE or NFS
+        files, statx, openat on a cold dentry) run in io-wq "bounded" workers,
+        by default at most min(sq_entries, 4 * CPUs) of them: on a 2-CPU
+        machine 8 slow reads at a time, however many are submitted.  The
+        limit applies to the submitting thread's io-wq (shared by its rings).
+        Returns the previous (bounded, unbounded) limits.
+        """
+        if self._closed:
+            raise RingClosed("ring is closed")
+        values = (ctypes.c_uint32 * 2)(bounded, unbounded)
+        _register(self.fd, IORING_REGISTER_IOWQ_MAX_WORKERS,
+                  _addressof(values), 2)
+        return values[0], values[1]
 
     def supported_ops(self) -> set[int]:
         """Opcodes this kernel supports (IORING_REGISTER_PROBE, Linux 5.6+)."""

@@ -449,6 +449,22 @@ def test_out_of_range_arguments_refused(ring):
     assert wait_for(ring, 1) == {2**64 - 1: 0}
 
 
+def test_iowq_max_workers_set_and_read_back():
+    with Ring(8) as r:
+        try:
+            bounded, unbounded = r.register_iowq_max_workers(0, 0)  # query only
+        except OSError as e:
+            pytest.skip(f"IORING_REGISTER_IOWQ_MAX_WORKERS unsupported: {e}")
+        assert bounded > 0 and unbounded > 0
+        try:
+            assert r.register_iowq_max_workers(bounded + 3, 0) == (bounded, unbounded)
+            assert r.register_iowq_max_workers(0, 0) == (bounded + 3, unbounded)
+        finally:
+            r.register_iowq_max_workers(bounded, 0)
+    with pytest.raises(RingClosed):
+        r.register_iowq_max_workers(1, 1)
+
+
 def test_close_is_idempotent_and_final():
     r = Ring(8)
     r.prep_nop(1)  # prepared, never submitted
