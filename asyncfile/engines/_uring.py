@@ -40,6 +40,7 @@ __all__ = [
     "STATX_BASIC_STATS",
     "IORING_ASYNC_CANCEL_ALL",
     "IORING_ASYNC_CANCEL_ANY",
+    "IOSQE_ASYNC",
     "Ring",
     "RingClosed",
     "StatxResult",
@@ -73,6 +74,8 @@ _REQUIRED_OPS = {
     "STATX": IORING_OP_STATX,
     "READ": IORING_OP_READ,
 }
+
+IOSQE_ASYNC = 1 << 4  # issue in an io-wq worker, never inline in io_uring_enter
 
 IORING_SETUP_CLAMP = 1 << 4
 IORING_SETUP_SUBMIT_ALL = 1 << 7
@@ -567,7 +570,8 @@ class Ring:
     # -- preparing operations -------------------------------------------------
 
     def _put(self, opcode: int, fd: int, off: int, addr: int, length: int,
-             op_flags: int, user_data: int, keep: Any) -> None:
+             op_flags: int, user_data: int, keep: Any,
+             sqe_flags: int = 0) -> None:
         """Write one SQE into the next free slot and remember what to keep alive."""
         room = self._room
         if room <= 0:
@@ -577,8 +581,8 @@ class Ring:
             raise ValueError(f"user_data {user_data} is already in flight")
         tail = self._sq_tail_local
         try:
-            _SQE_PACK(self._sqes, (tail & self._sq_mask) << 6, opcode, 0, 0,
-                      fd, off, addr, length, op_flags, user_data)
+            _SQE_PACK(self._sqes, (tail & self._sq_mask) << 6, opcode,
+                      sqe_flags, 0, fd, off, addr, length, op_flags, user_data)
         except struct.error as e:  # nothing was queued
             raise ValueError(f"argument out of range for an SQE: {e} (fd "
                              f"{fd!r}, user_data {user_data!r})") from None
@@ -625,14 +629,20 @@ class Ring:
                   anchor)
 
     def prep_openat(self, path: PathArg, flags: int, mode: int, user_data: int,
-                    dirfd: int = AT_FDCWD) -> None:
+                    dirfd: int = AT_FDCWD, *, force_async: bool = False) -> None:
         """openat(dirfd, path, flags | O_CLOEXEC, mode); the result is the new fd.
 
         O_CLOEXEC is always added, like ``os.open`` (PEP 446).
+
+        ``force_async`` (IOSQE_ASYNC) matters on FUSE, NFS and the like: when
+        the name is in the dentry cache the kernel first tries the open inline
+        in ``io_uring_enter``, and their ``->open`` waits for the server there
+        (measured: a FUSE open sleeping 200 ms blocked ``submit()`` 200 ms).
         """
         cp, addr = _c_path(path)
         self._put(IORING_OP_OPENAT, dirfd, 0, addr, mode,
-                  (flags | _O_CLOEXEC) & _U32, user_data, cp)
+                  (flags | _O_CLOEXEC) & _U32, user_data, cp,
+                  IOSQE_ASYNC if force_async else 0)
 
     def prep_statx(self, path_or_fd: PathArg | int, user_data: int, *,
                    flags: int = 0, mask: int = STATX_BASIC_STATS,

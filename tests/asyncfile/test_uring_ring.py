@@ -210,6 +210,22 @@ def test_openat_relative_to_dirfd(ring, data_file):
         os.close(dirfd)
 
 
+@pytest.mark.slowfs(read_delay=0.0, open_delay=0.3)
+def test_force_async_openat_never_runs_in_submit(ring, slow_fs):
+    """A FUSE open whose name is cached would run (and sleep) inside
+    io_uring_enter; IOSQE_ASYNC hands it to an io-wq worker instead."""
+    (Path(slow_fs.source) / "f").write_bytes(b"x")
+    path = os.path.join(slow_fs.mount, "f")
+    os.stat(path)  # the dentry is cached now
+    ring.prep_openat(path, os.O_RDONLY, 0, 1, force_async=True)
+    started = time.monotonic()
+    ring.submit()
+    assert time.monotonic() - started < 0.1
+    fd = check(wait_for(ring, 1)[1])
+    assert time.monotonic() - started >= 0.25  # the open itself did sleep
+    os.close(fd)
+
+
 def test_path_with_nul_refused(ring):
     with pytest.raises(ValueError):
         ring.prep_openat(b"/etc/passwd\0.jpg", os.O_RDONLY, 0, 1)
