@@ -600,13 +600,19 @@ class Ring:
         """A no-op; completes with res 0. For tests and wake-ups."""
         self._put(IORING_OP_NOP, -1, 0, 0, 0, 0, user_data, None)
 
-    def prep_read(self, fd: int, buf: Any, offset: int, user_data: int) -> None:
+    def prep_read(self, fd: int, buf: Any, offset: int, user_data: int, *,
+                  force_async: bool = False) -> None:
         """Read up to ``len(buf)`` bytes at ``offset`` (-1: file position).
 
         ``buf`` is any writable C-contiguous buffer (bytearray, memoryview
         slice, ctypes array, mmap). The ring holds a buffer export on it until
         the completion is reaped, so it is neither freed nor resized meanwhile.
         The result is the byte count (short reads happen; only 0 is EOF).
+
+        ``force_async`` (IOSQE_ASYNC): the kernel issues reads inline in
+        ``io_uring_enter`` first, and some file systems wait there anyway: a
+        FUSE direct-I/O read sleeps in ``fuse_get_req`` once ``max_background``
+        (default 12) requests are outstanding (measured: 50 ms in submit).
         """
         # The anchor is a c_char over the buffer's first byte: it gives the
         # address and holds the export that pins the memory.
@@ -626,7 +632,7 @@ class Ring:
         else:
             addr = 0
         self._put(IORING_OP_READ, fd, offset & _U64, addr, n, 0, user_data,
-                  anchor)
+                  anchor, IOSQE_ASYNC if force_async else 0)
 
     def prep_openat(self, path: PathArg, flags: int, mode: int, user_data: int,
                     dirfd: int = AT_FDCWD, *, force_async: bool = False) -> None:

@@ -226,6 +226,31 @@ def test_force_async_openat_never_runs_in_submit(ring, slow_fs):
     os.close(fd)
 
 
+@pytest.mark.slowfs(read_delay=0.1)
+def test_force_async_reads_never_wait_in_submit(ring, slow_fs):
+    """FUSE sends io_uring's direct-I/O reads as background requests; past
+    max_background (12) the 13th waits for a slot inside io_uring_enter
+    unless IOSQE_ASYNC hands it to an io-wq worker."""
+    fds = []
+    try:
+        for i in range(16):
+            (Path(slow_fs.source) / f"f{i}").write_bytes(b"y" * 4096)
+            fds.append(os.open(os.path.join(slow_fs.mount, f"f{i}"), os.O_RDONLY))
+        bufs = [bytearray(4096) for _ in fds]
+        slowest = 0.0
+        for i, fd in enumerate(fds):
+            ring.prep_read(fd, bufs[i], 0, i, force_async=True)
+            started = time.monotonic()
+            ring.submit()
+            slowest = max(slowest, time.monotonic() - started)
+        assert slowest < 0.05
+        assert sorted(wait_for(ring, len(fds)).values()) == [4096] * len(fds)
+        assert all(buf == b"y" * 4096 for buf in bufs)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def test_path_with_nul_refused(ring):
     with pytest.raises(ValueError):
         ring.prep_openat(b"/etc/passwd\0.jpg", os.O_RDONLY, 0, 1)
