@@ -251,6 +251,25 @@ def test_force_async_reads_never_wait_in_submit(ring, slow_fs):
             os.close(fd)
 
 
+@pytest.mark.slowfs(read_delay=0.2, max_background=32)
+def test_slowfs_max_background_lets_more_async_reads_run(ring, slow_fs):
+    """With libfuse's default (12) 24 reads would take two rounds."""
+    fds = []
+    try:
+        for i in range(24):
+            (Path(slow_fs.source) / f"f{i}").write_bytes(b"z" * 512)
+            fds.append(os.open(os.path.join(slow_fs.mount, f"f{i}"), os.O_RDONLY))
+        started = time.monotonic()
+        for i, fd in enumerate(fds):
+            ring.prep_read(fd, bytearray(512), 0, i, force_async=True)
+        ring.submit()
+        assert sorted(wait_for(ring, len(fds)).values()) == [512] * len(fds)
+        assert time.monotonic() - started < 0.38
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def test_path_with_nul_refused(ring):
     with pytest.raises(ValueError):
         ring.prep_openat(b"/etc/passwd\0.jpg", os.O_RDONLY, 0, 1)
