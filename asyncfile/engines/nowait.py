@@ -67,8 +67,7 @@ class NowaitEngine(ThreadsEngine):
     def open(self, path: str) -> defer.Deferred[OpenedFile]:
         slow, point = self._opens_slowly(path)
         if slow:
-            self.pool_opens += 1
-            return self.pool.run(open_regular, path, on_orphan=lambda f: os.close(f.fd)).addCallback(self._classify)
+            return self._open_slowly(path)
         self.inline_opens += 1
         started = time.perf_counter()
         try:
@@ -82,6 +81,11 @@ class NowaitEngine(ThreadsEngine):
                 self.log.info("open() on {mount} took {ms:.1f} ms: opening there in the I/O pool from now on",
                               mount=point, ms=elapsed * 1000)
         return defer.succeed(self._classify(f))
+
+    def _open_slowly(self, path: str) -> defer.Deferred[OpenedFile]:
+        """Open where ``open()`` may block (network, FUSE): in the I/O pool."""
+        self.pool_opens += 1
+        return self.pool.run(open_regular, path, on_orphan=lambda f: os.close(f.fd)).addCallback(self._classify)
 
     def read_inline(self, f: OpenedFile, view: memoryview, offset: int) -> int:
         if not f.inline:
