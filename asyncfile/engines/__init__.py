@@ -7,16 +7,23 @@ from typing import Any
 from .base import IFileEngine, IOPool, OpenedFile
 from .nowait import NowaitEngine, nowait_supported
 from .threads import ThreadsEngine
+from .uring import UringEngine, uring_unavailable_reason
 
-__all__ = ["IFileEngine", "IOPool", "OpenedFile", "NowaitEngine", "ThreadsEngine", "make_engine", "ENGINES"]
+__all__ = ["IFileEngine", "IOPool", "OpenedFile", "NowaitEngine", "ThreadsEngine", "UringEngine",
+           "make_engine", "ENGINES"]
 
-ENGINES = ("auto", "nowait", "threads")
+ENGINES = ("auto", "io_uring", "nowait", "threads")
 
 
 def make_engine(name: str, reactor: Any, pool: IOPool) -> IFileEngine:
     """Build the named engine; ``auto`` picks the best one this system supports."""
     if name == "auto":
         name = "nowait" if nowait_supported() else "threads"
+    if name == "io_uring":
+        reason = uring_unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"engine 'io_uring' is unusable here: {reason}")
+        return UringEngine(reactor, pool)
     if name == "nowait":
         if not nowait_supported():
             raise ValueError("engine 'nowait' needs Linux preadv with RWF_NOWAIT")
