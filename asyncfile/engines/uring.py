@@ -39,7 +39,7 @@ from ._uring import (
     result_error,
 )
 from .base import OPEN_FLAGS, IFileEngine, IOPool, OpenedFile, check_regular
-from .nowait import NowaitEngine, nowait_supported
+from .nowait import RWF_NOWAIT, NowaitEngine, nowait_supported
 
 __all__ = ["UringEngine", "RingDriver", "uring_unavailable_reason"]
 
@@ -56,6 +56,15 @@ def uring_unavailable_reason() -> str | None:
 
 def _ignore(res: Any) -> None:
     pass
+
+
+def _close_quietly(fd: int) -> None:
+    """close() without the ring (it is stopped).  Its error (ENOTCONN from a
+    dead FUSE daemon, say) is moot: the descriptor is released anyway."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _prep_open(ring: Ring, path: str, force_async: bool, ud: int) -> None:
@@ -103,6 +112,7 @@ class RingDriver(abstract.FileDescriptor):
         self.submits = 0  # io_uring_enter calls that submitted
         self.submitted_ops = 0
         self.waited = 0  # requests that had to wait for room
+        self.dropped = 0  # cancelled while waiting: never reached the kernel
         self.peak_in_flight = 0
 
     # -- set-up ---------------------------------------------------------
@@ -172,8 +182,9 @@ class RingDriver(abstract.FileDescriptor):
 
     @property
     def in_flight(self) -> int:
-        """Ops prepared or in the kernel, not yet completed."""
-        return len(self._handlers) - len(self._waiting_ids)
+        """Ops prepared or in the kernel, not yet reaped."""
+        ring = self.ring
+        return ring.in_flight if ring is not None and not ring.closed else 0
 
     @property
     def queued(self) -> int:
@@ -210,6 +221,7 @@ class RingDriver(abstract.FileDescriptor):
         else IORING_OP_ASYNC_CANCEL.  Its handler still runs exactly once."""
         if ud in self._waiting_ids:
             self._waiting_ids.discard(ud)
+            self.dropped += 1
             handler = self._handlers.pop(ud)
             handler(-errno.ECANCELED)
             return
@@ -226,7 +238,7 @@ class RingDriver(abstract.FileDescriptor):
             return 0
         self.submits += 1
         self.submitted_ops += n
-        in_flight = len(self._handlers) - len(self._waiting_ids)
+        in_flight = self.ring.in_flight
         if in_flight > self.peak_in_flight:
             self.peak_in_flight = in_flight
         return n
@@ -395,7 +407,7 @@ class _RingOpen:
             self.ud = self.engine.driver.start(prep, args, handler)
         except (RingClosed, ValueError, TypeError, OSError) as e:
             if self.fd >= 0:
-                os.close(self.fd)
+                _close_quietly(self.fd)
                 self.fd = -1
             self._fail(e)
 
@@ -461,7 +473,7 @@ class _RingOpen:
         try:
             self.engine.driver.start(Ring.prep_close, (fd,), closed)
         except RingClosed:
-            os.close(fd)
+            _close_quietly(fd)
             closed(0)
 
 
@@ -470,11 +482,12 @@ class _RingRead:
     fails it at once), but the engine keeps the descriptor open until the
     kernel has completed the read: see ``UringEngine.close``."""
 
-    __slots__ = ("engine", "fd", "deferred", "ud", "cancelled")
+    __slots__ = ("engine", "fd", "nowait", "deferred", "ud", "cancelled")
 
     def __init__(self, engine: "UringEngine", f: OpenedFile, view: memoryview, offset: int) -> None:
         self.engine = engine
         self.fd = f.fd
+        self.nowait = f.nowait and engine.inline
         self.cancelled = False
         self.deferred: defer.Deferred[int] = defer.Deferred(self._cancel)
         busy = engine._busy
@@ -491,7 +504,10 @@ class _RingRead:
         self.engine.driver.cancel(self.ud)
 
     def _done(self, res: int) -> None:
-        self.engine._read_finished(self.fd)
+        engine = self.engine
+        engine._read_finished(self.fd)
+        if res > 0 and self.nowait:
+            engine._retry_inline.add(self.fd)
         d = self.deferred
         if d.called:
             return
@@ -534,6 +550,7 @@ class UringEngine(NowaitEngine):
         self._busy: dict[int, int] = {}  # fd -> reads the kernel has not completed
         self._close_when_idle: dict[int, Callable[[], None]] = {}
         self._worker_devs: dict[int, bool] = {}
+        self._retry_inline: set[int] = set()  # fds whose last read was a ring read
         self._stopped = False
         self._trigger = reactor.addSystemEventTrigger("during", "shutdown", self.stop)
 
@@ -569,6 +586,21 @@ class UringEngine(NowaitEngine):
             raise
 
     def read(self, f: OpenedFile, view: memoryview, offset: int) -> defer.Deferred[int]:
+        fd = f.fd
+        if fd in self._retry_inline:
+            # The last read went through the ring; its readahead (or end of
+            # file) is likely at hand now.  Only right after a ring read, so
+            # a reader takes at most one inline chunk per completion.
+            self._retry_inline.discard(fd)
+            try:
+                n = os.preadv(fd, [view], offset, RWF_NOWAIT)
+            except BlockingIOError:
+                self.nowait_fallbacks += 1
+            except OSError:
+                return defer.fail()
+            else:
+                self.inline_reads += 1
+                return defer.succeed(n)
         self.ring_reads += 1
         try:
             return _RingRead(self, f, view, offset).deferred
@@ -617,6 +649,7 @@ class UringEngine(NowaitEngine):
 
     def _close_now(self, f: OpenedFile) -> defer.Deferred[None] | None:
         fd = f.fd
+        self._retry_inline.discard(fd)
         if fd not in self._ring_fds:
             os.close(fd)  # opened inline on a local file system
             return None
@@ -633,7 +666,7 @@ class UringEngine(NowaitEngine):
         try:
             self.driver.start(Ring.prep_close, (fd,), done)
         except RingClosed:
-            os.close(fd)
+            _close_quietly(fd)
             return None
         return d
 
@@ -660,6 +693,7 @@ class UringEngine(NowaitEngine):
             "ring_peak_in_flight": driver.peak_in_flight,
             "ring_queued": driver.queued,
             "ring_waited": driver.waited,
+            "ring_dropped": driver.dropped,
         }
 
     def stop(self) -> None:
