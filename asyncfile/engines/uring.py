@@ -35,6 +35,7 @@ from ._uring import (
     Ring,
     RingClosed,
     StatxResult,
+    UringError,
     UringUnavailable,
     result_error,
 )
@@ -90,6 +91,9 @@ class RingDriver(abstract.FileDescriptor):
       room: they never fail for lack of room.
     * The reactor watches an eventfd the kernel signals on completions: real
       readiness, no polling.  ``doRead`` drains it, then reaps.
+    * At most ``max_dispatch`` completions are handled per reactor turn (the
+      rest in the next turns): each costs tens of µs of Python, and a burst
+      of 64 at once would stall the reactor for milliseconds.
 
     The ring is set up on first use, so building an engine costs nothing and
     a process may still fork (daemonize) before its first load.
@@ -97,10 +101,13 @@ class RingDriver(abstract.FileDescriptor):
 
     log = Logger()
 
-    def __init__(self, reactor: Any = None, entries: int = 256, io_workers: int = 64) -> None:
+    def __init__(self, reactor: Any = None, entries: int = 256, io_workers: int = 64,
+                 max_dispatch: int = 32) -> None:
         abstract.FileDescriptor.__init__(self, reactor)
         self.entries = entries
         self.io_workers = io_workers
+        self.max_dispatch = max(1, max_dispatch)
+        self._backlog: deque[tuple[int, Any]] = deque()  # reaped, not yet handled
         self.ring: Ring | None = None
         self._efd = -1
         self._handlers: dict[int, Handler] = {}
@@ -269,9 +276,17 @@ class RingDriver(abstract.FileDescriptor):
             pass
 
     def _reap(self) -> None:
+        backlog = self._backlog
         results = self.ring.reap()
-        if results:
-            self._dispatch(results)
+        if not backlog and len(results) <= self.max_dispatch:
+            if results:
+                self._dispatch(results)
+        else:
+            backlog.extend(results)
+            popleft = backlog.popleft
+            self._dispatch([popleft() for _ in range(min(self.max_dispatch, len(backlog)))])
+            if backlog and self._flush_call is None:
+                self._flush_call = self.reactor.callLater(0, self._flush)
         if self._waiting:
             self._pump()
 
@@ -330,6 +345,8 @@ class RingDriver(abstract.FileDescriptor):
             return
         self.stopReading()
         self.connected = 0
+        backlog, self._backlog = list(self._backlog), deque()
+        self._dispatch(backlog)  # real completions: an open's fd must be closed
         try:
             self._cancel_in_flight(ring, timeout)
         finally:
@@ -405,7 +422,7 @@ class _RingOpen:
     def _start(self, prep: Prep, args: tuple[Any, ...], handler: Handler) -> None:
         try:
             self.ud = self.engine.driver.start(prep, args, handler)
-        except (RingClosed, ValueError, TypeError, OSError) as e:
+        except (UringError, ValueError, TypeError, OSError) as e:
             if self.fd >= 0:
                 _close_quietly(self.fd)
                 self.fd = -1
@@ -528,6 +545,7 @@ class UringEngine(NowaitEngine):
     :param io_workers: how many blocking ops (reads of FUSE/NFS files) the
         kernel runs at once in io-wq workers; they are kernel threads, so a
         high limit costs no GIL contention.
+    :param max_dispatch: completions handled per reactor turn (bounds stalls).
     :param inline: use the inline fast path (``open()`` on local file
         systems, ``preadv(RWF_NOWAIT)`` for cached data).  With False every
         open, read and close goes through the ring (for tests and comparisons).
@@ -536,13 +554,14 @@ class UringEngine(NowaitEngine):
     name = "io_uring"
 
     def __init__(self, reactor: Any, pool: IOPool, mounts: MountTable | None = None, *,
-                 entries: int = 256, io_workers: int = 64, inline: bool = True) -> None:
+                 entries: int = 256, io_workers: int = 64, max_dispatch: int = 32,
+                 inline: bool = True) -> None:
         reason = uring_unavailable_reason()
         if reason is not None:
             raise UringUnavailable(reason)
         super().__init__(reactor, pool, mounts)
         self.inline = inline and nowait_supported()
-        self.driver = RingDriver(reactor, entries, io_workers)
+        self.driver = RingDriver(reactor, entries, io_workers, max_dispatch)
         self.ring_reads = 0
         self.ring_opens = 0
         self.ring_closes = 0
@@ -556,6 +575,8 @@ class UringEngine(NowaitEngine):
 
     # -- opening --------------------------------------------------------
     def open(self, path: str) -> defer.Deferred[OpenedFile]:
+        if self._stopped:
+            return defer.fail(RingClosed("the io_uring engine is stopped"))
         if self.inline:
             return NowaitEngine.open(self, path)  # slow mounts come back to _open_slowly
         return self._open_slowly(path)
@@ -604,7 +625,7 @@ class UringEngine(NowaitEngine):
         self.ring_reads += 1
         try:
             return _RingRead(self, f, view, offset).deferred
-        except (RingClosed, ValueError, TypeError):
+        except (UringError, OSError, ValueError, TypeError):
             return defer.fail()
 
     def _needs_worker(self, dev: int) -> bool:
