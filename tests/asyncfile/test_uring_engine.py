@@ -225,6 +225,20 @@ async def test_evicted_file_is_read_through_the_ring(ring_loader, tmp_path):
     assert stats["ring_reads"] >= 1 and stats["pool_reads"] == 0
 
 
+def test_auto_picks_io_uring_where_the_kernel_allows_it(monkeypatch):
+    import asyncfile.engines as engines
+
+    engine = make_engine("auto", reactor, IOPool(reactor))
+    try:
+        assert engine.name == "io_uring"
+    finally:
+        engine.stop()
+    monkeypatch.setattr(engines, "uring_unavailable_reason", lambda: "io_uring_setup: EPERM (test)")
+    engine = make_engine("auto", reactor, IOPool(reactor))
+    assert engine.name == "nowait"
+    engine.stop()
+
+
 def test_unusable_io_uring_is_a_value_error_with_the_reason(monkeypatch):
     import asyncfile.engines as engines
 
