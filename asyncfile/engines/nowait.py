@@ -40,6 +40,10 @@ class NowaitEngine(ThreadsEngine):
 
     name = "nowait"
     log = Logger()
+    # After a page-cache miss, read the rest of the file off the reactor
+    # thread (the io_uring engine does; here the pool's reads are followed
+    # by inline attempts again, as readahead often brought the rest in).
+    demote_on_miss = False
 
     def __init__(self, reactor: Any, pool: IOPool, mounts: MountTable | None = None) -> None:
         super().__init__(reactor, pool)
@@ -97,6 +101,8 @@ class NowaitEngine(ThreadsEngine):
                 n = os.preadv(f.fd, [view], offset)
         except BlockingIOError:
             self.nowait_fallbacks += 1
+            if self.demote_on_miss:
+                f.inline = False
             raise
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL) or not f.nowait:

@@ -572,14 +572,13 @@ class UringEngine(NowaitEngine):
         self._retry_inline: set[int] = set()  # fds whose last read was a ring read
         self._stopped = False
         self._trigger = reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+        if not self.inline:  # every open, read and close through the ring
+            self.open = self._open_slowly  # type: ignore[method-assign]
+            self._classify = self._classify_for_ring  # type: ignore[method-assign]
 
     # -- opening --------------------------------------------------------
-    def open(self, path: str) -> defer.Deferred[OpenedFile]:
-        if self._stopped:
-            return defer.fail(RingClosed("the io_uring engine is stopped"))
-        if self.inline:
-            return NowaitEngine.open(self, path)  # slow mounts come back to _open_slowly
-        return self._open_slowly(path)
+    # open() is nowait's: inline on local file systems, _open_slowly (the
+    # ring) where open() may block.  Ring-only mode swaps in the two below.
 
     def _open_slowly(self, path: str) -> defer.Deferred[OpenedFile]:
         self.ring_opens += 1
@@ -590,21 +589,17 @@ class UringEngine(NowaitEngine):
         force_async = m is None or m.slow_open or m.mount_point in self._slow_points
         return _RingOpen(self, path, force_async).deferred
 
-    def _classify(self, f: OpenedFile) -> OpenedFile:
-        if not self.inline:
-            f.inline = f.nowait = False
-            return f
-        return NowaitEngine._classify(self, f)
+    @staticmethod
+    def _classify_for_ring(f: OpenedFile) -> OpenedFile:
+        f.inline = f.nowait = False
+        return f
 
     # -- reading --------------------------------------------------------
-    def read_inline(self, f: OpenedFile, view: memoryview, offset: int) -> int:
-        try:
-            return NowaitEngine.read_inline(self, f, view, offset)
-        except BlockingIOError:
-            # Missed the page cache (or RWF_NOWAIT is refused here): read
-            # the rest through the ring, with no reactor polling between.
-            f.inline = False
-            raise
+    # read_inline is nowait's; after a miss (or EOPNOTSUPP) the file is no
+    # longer "inline": FileReader then reads it through read() -- the ring,
+    # or one inline attempt after each ring read -- and never registers the
+    # file with the reactor (which would poll it).
+    demote_on_miss = True
 
     def read(self, f: OpenedFile, view: memoryview, offset: int) -> defer.Deferred[int]:
         fd = f.fd
@@ -652,7 +647,12 @@ class UringEngine(NowaitEngine):
 
     # -- closing --------------------------------------------------------
     def close(self, f: OpenedFile) -> defer.Deferred[None] | None:
-        if f.fd in self._busy:
+        fd = f.fd
+        if fd not in self._ring_fds and fd not in self._busy:
+            self._retry_inline.discard(fd)
+            os.close(fd)  # opened inline on a local file system
+            return None
+        if fd in self._busy:
             # A cancelled read is still in the kernel: closing now could let
             # the descriptor number be reused under it.
             d: defer.Deferred[None] = defer.Deferred()
@@ -664,7 +664,7 @@ class UringEngine(NowaitEngine):
                 else:
                     pending.chainDeferred(d)
 
-            self._close_when_idle[f.fd] = later
+            self._close_when_idle[fd] = later
             return d
         return self._close_now(f)
 
