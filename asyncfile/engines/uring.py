@@ -272,7 +272,7 @@ class RingDriver(abstract.FileDescriptor):
     def _drain(self) -> None:
         try:
             os.read(self._efd, 8)
-        except BlockingIOError:
+        except OSError:  # EAGAIN: nothing to drain
             pass
 
     def _reap(self) -> None:
@@ -612,8 +612,10 @@ class UringEngine(NowaitEngine):
                 n = os.preadv(fd, [view], offset, RWF_NOWAIT)
             except BlockingIOError:
                 self.nowait_fallbacks += 1
-            except OSError:
-                return defer.fail()
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    return defer.fail()
+                f.nowait = False  # this file system refuses RWF_NOWAIT after all
             else:
                 self.inline_reads += 1
                 return defer.succeed(n)
