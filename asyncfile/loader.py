@@ -221,7 +221,9 @@ class FileLoader:
     :param max_waiting: loads allowed to wait; beyond that ``load`` fails at
         once with ``Overloaded``.
     :param chunk_size: bytes read per reactor iteration (and per pool call).
-    :param engine: ``"auto"``, ``"nowait"`` or ``"threads"``.
+    :param engine: ``"auto"``, ``"io_uring"``, ``"nowait"`` or ``"threads"``;
+        or an engine object (``IFileEngine``, e.g. ``UringEngine(reactor,
+        IOPool(reactor), entries=32)``), which the loader then owns and stops.
     :param io_threads: size of the dedicated I/O thread pool.
     :param turn_budget: seconds of inline work (page-cache copies, local
         opens) one reactor turn may do for new loads before the rest start in
@@ -230,7 +232,7 @@ class FileLoader:
     """
 
     def __init__(self, reactor: Any = None, max_open: int = 64, max_waiting: int = 1024,
-                 chunk_size: int = 256 * 1024, engine: str = "auto", io_threads: int = 16,
+                 chunk_size: int = 256 * 1024, engine: Any = "auto", io_threads: int = 16,
                  turn_budget: float = 0.001) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -240,8 +242,14 @@ class FileLoader:
         self.reactor = reactor
         self.chunk_size = chunk_size
         self._limiter = Limiter(max_open, max_waiting)
-        self.pool = IOPool(reactor, io_threads)
-        self.engine: IFileEngine = make_engine(engine, reactor, self.pool)
+        if isinstance(engine, str):
+            self.pool = IOPool(reactor, io_threads)
+            self.engine: IFileEngine = make_engine(engine, reactor, self.pool)
+        elif IFileEngine.providedBy(engine):
+            self.engine = engine
+            self.pool = getattr(engine, "pool", None) or IOPool(reactor, io_threads)
+        else:
+            raise TypeError(f"engine must be a name or an IFileEngine, not {engine!r}")
         self._read_small = getattr(self.engine, "read_small", None)
         self._eof_probe = memoryview(bytearray(1))  # used in the reactor thread only
         self.turn_budget = turn_budget

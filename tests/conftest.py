@@ -14,7 +14,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "slowfs(**kwargs): SlowFS options for the slow_fs fixture "
-        "(read_delay, open_delay, getattr_delay, attr_timeout, max_threads)",
+        "(read_delay, open_delay, getattr_delay, attr_timeout, max_threads, max_background)",
     )
 
 

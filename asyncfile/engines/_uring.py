@@ -40,6 +40,7 @@ __all__ = [
     "STATX_BASIC_STATS",
     "IORING_ASYNC_CANCEL_ALL",
     "IORING_ASYNC_CANCEL_ANY",
+    "IOSQE_ASYNC",
     "Ring",
     "RingClosed",
     "StatxResult",
@@ -74,6 +75,8 @@ _REQUIRED_OPS = {
     "READ": IORING_OP_READ,
 }
 
+IOSQE_ASYNC = 1 << 4  # issue in an io-wq worker, never inline in io_uring_enter
+
 IORING_SETUP_CLAMP = 1 << 4
 IORING_SETUP_SUBMIT_ALL = 1 << 7
 
@@ -93,6 +96,7 @@ IORING_ASYNC_CANCEL_ANY = 1 << 2
 IORING_REGISTER_EVENTFD = 4
 IORING_UNREGISTER_EVENTFD = 5
 IORING_REGISTER_PROBE = 8
+IORING_REGISTER_IOWQ_MAX_WORKERS = 19
 IO_URING_OP_SUPPORTED = 1 << 0
 
 IORING_OFF_SQ_RING = 0
@@ -566,7 +570,8 @@ class Ring:
     # -- preparing operations -------------------------------------------------
 
     def _put(self, opcode: int, fd: int, off: int, addr: int, length: int,
-             op_flags: int, user_data: int, keep: Any) -> None:
+             op_flags: int, user_data: int, keep: Any,
+             sqe_flags: int = 0) -> None:
         """Write one SQE into the next free slot and remember what to keep alive."""
         room = self._room
         if room <= 0:
@@ -576,8 +581,8 @@ class Ring:
             raise ValueError(f"user_data {user_data} is already in flight")
         tail = self._sq_tail_local
         try:
-            _SQE_PACK(self._sqes, (tail & self._sq_mask) << 6, opcode, 0, 0,
-                      fd, off, addr, length, op_flags, user_data)
+            _SQE_PACK(self._sqes, (tail & self._sq_mask) << 6, opcode,
+                      sqe_flags, 0, fd, off, addr, length, op_flags, user_data)
         except struct.error as e:  # nothing was queued
             raise ValueError(f"argument out of range for an SQE: {e} (fd "
                              f"{fd!r}, user_data {user_data!r})") from None
@@ -595,13 +600,19 @@ class Ring:
         """A no-op; completes with res 0. For tests and wake-ups."""
         self._put(IORING_OP_NOP, -1, 0, 0, 0, 0, user_data, None)
 
-    def prep_read(self, fd: int, buf: Any, offset: int, user_data: int) -> None:
+    def prep_read(self, fd: int, buf: Any, offset: int, user_data: int, *,
+                  force_async: bool = False) -> None:
         """Read up to ``len(buf)`` bytes at ``offset`` (-1: file position).
 
         ``buf`` is any writable C-contiguous buffer (bytearray, memoryview
         slice, ctypes array, mmap). The ring holds a buffer export on it until
         the completion is reaped, so it is neither freed nor resized meanwhile.
         The result is the byte count (short reads happen; only 0 is EOF).
+
+        ``force_async`` (IOSQE_ASYNC): the kernel issues reads inline in
+        ``io_uring_enter`` first, and some file systems wait there anyway: a
+        FUSE direct-I/O read sleeps in ``fuse_get_req`` once ``max_background``
+        (default 12) requests are outstanding (measured: 50 ms in submit).
         """
         # The anchor is a c_char over the buffer's first byte: it gives the
         # address and holds the export that pins the memory.
@@ -621,17 +632,23 @@ class Ring:
         else:
             addr = 0
         self._put(IORING_OP_READ, fd, offset & _U64, addr, n, 0, user_data,
-                  anchor)
+                  anchor, IOSQE_ASYNC if force_async else 0)
 
     def prep_openat(self, path: PathArg, flags: int, mode: int, user_data: int,
-                    dirfd: int = AT_FDCWD) -> None:
+                    dirfd: int = AT_FDCWD, *, force_async: bool = False) -> None:
         """openat(dirfd, path, flags | O_CLOEXEC, mode); the result is the new fd.
 
         O_CLOEXEC is always added, like ``os.open`` (PEP 446).
+
+        ``force_async`` (IOSQE_ASYNC) matters on FUSE, NFS and the like: when
+        the name is in the dentry cache the kernel first tries the open inline
+        in ``io_uring_enter``, and their ``->open`` waits for the server there
+        (measured: a FUSE open sleeping 200 ms blocked ``submit()`` 200 ms).
         """
         cp, addr = _c_path(path)
         self._put(IORING_OP_OPENAT, dirfd, 0, addr, mode,
-                  (flags | _O_CLOEXEC) & _U32, user_data, cp)
+                  (flags | _O_CLOEXEC) & _U32, user_data, cp,
+                  IOSQE_ASYNC if force_async else 0)
 
     def prep_statx(self, path_or_fd: PathArg | int, user_data: int, *,
                    flags: int = 0, mask: int = STATX_BASIC_STATS,
@@ -817,6 +834,24 @@ class Ring:
             raise RingClosed("ring is closed")
         _register(self.fd, IORING_UNREGISTER_EVENTFD, 0, 0)
         self._eventfd = None
+
+    def register_iowq_max_workers(self, bounded: int = 0,
+                                  unbounded: int = 0) -> tuple[int, int]:
+        """Cap the kernel's io-wq worker threads (Linux 5.15+); 0 keeps a limit.
+
+        Operations that cannot complete without blocking (reads of FUSE or NFS
+        files, statx, openat on a cold dentry) run in io-wq "bounded" workers,
+        by default at most min(sq_entries, 4 * CPUs) of them: on a 2-CPU
+        machine 8 slow reads at a time, however many are submitted.  The
+        limit applies to the submitting thread's io-wq (shared by its rings).
+        Returns the previous (bounded, unbounded) limits.
+        """
+        if self._closed:
+            raise RingClosed("ring is closed")
+        values = (ctypes.c_uint32 * 2)(bounded, unbounded)
+        _register(self.fd, IORING_REGISTER_IOWQ_MAX_WORKERS,
+                  _addressof(values), 2)
+        return values[0], values[1]
 
     def supported_ops(self) -> set[int]:
         """Opcodes this kernel supports (IORING_REGISTER_PROBE, Linux 5.6+)."""

@@ -46,6 +46,10 @@ class NowaitEngine(ThreadsEngine):
 
     name = "nowait"
     log = Logger()
+    # After a page-cache miss, read the rest of the file off the reactor
+    # thread (the io_uring engine does; here the pool's reads are followed
+    # by inline attempts again, as readahead often brought the rest in).
+    demote_on_miss = False
 
     def __init__(self, reactor: Any, pool: IOPool, mounts: MountTable | None = None) -> None:
         super().__init__(reactor, pool)
@@ -168,14 +172,7 @@ class NowaitEngine(ThreadsEngine):
     def open(self, path: str) -> defer.Deferred[OpenedFile] | OpenedFile:
         slow, point = self._opens_slowly(path)
         if slow:
-            self.pool_opens += 1
-
-            def opened(result: tuple[OpenedFile, float]) -> OpenedFile:
-                f, seconds = result
-                self._record_open(point, seconds)
-                return self._classify(f)
-
-            return self.pool.run(self._timed_open, path, on_orphan=lambda r: os.close(r[0].fd)).addCallback(opened)
+            return self._open_slowly(path)
         self.inline_opens += 1
         started = time.perf_counter()
         try:
@@ -183,6 +180,18 @@ class NowaitEngine(ThreadsEngine):
         finally:
             self._record_open(point, time.perf_counter() - started)
         return self._classify(f)
+
+    def _open_slowly(self, path: str) -> defer.Deferred[OpenedFile]:
+        """Open where ``open()`` may block (network, FUSE, measured slow): in the I/O pool."""
+        self.pool_opens += 1
+        point = self._opens_slowly(path)[1]
+
+        def opened(result: tuple[OpenedFile, float]) -> OpenedFile:
+            f, seconds = result
+            self._record_open(point, seconds)
+            return self._classify(f)
+
+        return self.pool.run(self._timed_open, path, on_orphan=lambda r: os.close(r[0].fd)).addCallback(opened)
 
     def read_inline(self, f: OpenedFile, view: memoryview, offset: int) -> int:
         if not f.inline:
@@ -194,6 +203,8 @@ class NowaitEngine(ThreadsEngine):
                 n = os.preadv(f.fd, [view], offset)
         except BlockingIOError:
             self.nowait_fallbacks += 1
+            if self.demote_on_miss:
+                f.inline = False
             raise
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL) or not f.nowait:

@@ -71,8 +71,10 @@ class SlowPassthrough(_OperationsBase):
         read_delay: float = 0.05,
         open_delay: float = 0.0,
         getattr_delay: float = 0.0,
+        max_background: int = 0,
     ) -> None:
         self.source = os.path.realpath(source)
+        self.max_background = max_background
         self.read_delay = read_delay
         self.open_delay = open_delay
         self.getattr_delay = getattr_delay
@@ -89,6 +91,14 @@ class SlowPassthrough(_OperationsBase):
 
     def _path(self, path: str) -> str:
         return os.path.join(self.source, path.lstrip("/"))
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        # The kernel sends asynchronous requests (io_uring and AIO direct
+        # I/O, readahead) as "background" ones, at most max_background at
+        # a time (libfuse's default: 12); further ones wait for a slot.
+        if self.max_background and conn is not None:
+            conn.max_background = self.max_background
+            conn.congestion_threshold = max(1, self.max_background * 3 // 4)
 
     def _count(self, name: str) -> None:
         with self._lock:
@@ -209,6 +219,7 @@ def serve(
     max_threads: int = 64,
     parent_fd: int | None = None,
     debug: bool = False,
+    max_background: int = 0,
 ) -> None:
     """Mount and serve in the foreground until unmounted (blocks)."""
     if mfusepy is None:
@@ -218,7 +229,7 @@ def serve(
             target=_watch_parent, args=(parent_fd, mountpoint),
             name="slowfs-parent-watch", daemon=True,
         ).start()
-    operations = SlowPassthrough(source, read_delay, open_delay, getattr_delay)
+    operations = SlowPassthrough(source, read_delay, open_delay, getattr_delay, max_background)
     options: dict[str, Any] = {}
     if (mfusepy.fuse_version_major, mfusepy.fuse_version_minor) >= (3, 12):
         # libfuse >= 3.12 caps the multi-threaded loop at 10 threads.
@@ -262,6 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "attributes (default 1; 0 asks every time)")
     parser.add_argument("--max-threads", type=int, default=64,
                         help="most requests served at once (default 64)")
+    parser.add_argument("--max-background", type=int, default=0,
+                        help="asynchronous requests the kernel sends at "
+                        "once (default 0: libfuse's 12)")
     parser.add_argument("--parent-fd", type=int, default=None,
                         help=argparse.SUPPRESS)
     parser.add_argument("--debug", action="store_true",
@@ -274,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve(
         args.source, args.mountpoint, args.read_delay, args.open_delay,
         args.getattr_delay, args.attr_timeout, args.max_threads,
-        args.parent_fd, args.debug,
+        args.parent_fd, args.debug, args.max_background,
     )
     return 0
 
@@ -344,6 +358,7 @@ class SlowFS:
         *,
         attr_timeout: float = 1.0,
         max_threads: int = 64,
+        max_background: int = 0,
         mount_timeout: float = 10.0,
         debug: bool = False,
     ) -> None:
@@ -353,6 +368,7 @@ class SlowFS:
         self.getattr_delay = getattr_delay
         self.attr_timeout = attr_timeout
         self.max_threads = max_threads
+        self.max_background = max_background
         self.mount_timeout = mount_timeout
         self.debug = debug
         self.mount: str | None = None
@@ -396,6 +412,7 @@ class SlowFS:
             "--getattr-delay", repr(self.getattr_delay),
             "--attr-timeout", repr(self.attr_timeout),
             "--max-threads", str(self.max_threads),
+            "--max-background", str(self.max_background),
             "--parent-fd", str(read_fd),
         ]
         if self.debug:

@@ -210,6 +210,66 @@ def test_openat_relative_to_dirfd(ring, data_file):
         os.close(dirfd)
 
 
+@pytest.mark.slowfs(read_delay=0.0, open_delay=0.3)
+def test_force_async_openat_never_runs_in_submit(ring, slow_fs):
+    """A FUSE open whose name is cached would run (and sleep) inside
+    io_uring_enter; IOSQE_ASYNC hands it to an io-wq worker instead."""
+    (Path(slow_fs.source) / "f").write_bytes(b"x")
+    path = os.path.join(slow_fs.mount, "f")
+    os.stat(path)  # the dentry is cached now
+    ring.prep_openat(path, os.O_RDONLY, 0, 1, force_async=True)
+    started = time.monotonic()
+    ring.submit()
+    assert time.monotonic() - started < 0.1
+    fd = check(wait_for(ring, 1)[1])
+    assert time.monotonic() - started >= 0.25  # the open itself did sleep
+    os.close(fd)
+
+
+@pytest.mark.slowfs(read_delay=0.1)
+def test_force_async_reads_never_wait_in_submit(ring, slow_fs):
+    """FUSE sends io_uring's direct-I/O reads as background requests; past
+    max_background (12) the 13th waits for a slot inside io_uring_enter
+    unless IOSQE_ASYNC hands it to an io-wq worker."""
+    fds = []
+    try:
+        for i in range(16):
+            (Path(slow_fs.source) / f"f{i}").write_bytes(b"y" * 4096)
+            fds.append(os.open(os.path.join(slow_fs.mount, f"f{i}"), os.O_RDONLY))
+        bufs = [bytearray(4096) for _ in fds]
+        slowest = 0.0
+        for i, fd in enumerate(fds):
+            ring.prep_read(fd, bufs[i], 0, i, force_async=True)
+            started = time.monotonic()
+            ring.submit()
+            slowest = max(slowest, time.monotonic() - started)
+        assert slowest < 0.05
+        assert sorted(wait_for(ring, len(fds)).values()) == [4096] * len(fds)
+        assert all(buf == b"y" * 4096 for buf in bufs)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+@pytest.mark.slowfs(read_delay=0.2, max_background=32)
+def test_slowfs_max_background_lets_more_async_reads_run(ring, slow_fs):
+    """With libfuse's default (12) 24 reads would take two rounds."""
+    fds = []
+    try:
+        for i in range(24):
+            (Path(slow_fs.source) / f"f{i}").write_bytes(b"z" * 512)
+            fds.append(os.open(os.path.join(slow_fs.mount, f"f{i}"), os.O_RDONLY))
+        started = time.monotonic()
+        for i, fd in enumerate(fds):
+            ring.prep_read(fd, bytearray(512), 0, i, force_async=True)
+        ring.submit()
+        assert sorted(wait_for(ring, len(fds)).values()) == [512] * len(fds)
+        assert time.monotonic() - started < 0.38
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def test_path_with_nul_refused(ring):
     with pytest.raises(ValueError):
         ring.prep_openat(b"/etc/passwd\0.jpg", os.O_RDONLY, 0, 1)
@@ -447,6 +507,22 @@ def test_out_of_range_arguments_refused(ring):
     ring.prep_nop(2**64 - 1)
     ring.submit()
     assert wait_for(ring, 1) == {2**64 - 1: 0}
+
+
+def test_iowq_max_workers_set_and_read_back():
+    with Ring(8) as r:
+        try:
+            bounded, unbounded = r.register_iowq_max_workers(0, 0)  # query only
+        except OSError as e:
+            pytest.skip(f"IORING_REGISTER_IOWQ_MAX_WORKERS unsupported: {e}")
+        assert bounded > 0 and unbounded > 0
+        try:
+            assert r.register_iowq_max_workers(bounded + 3, 0) == (bounded, unbounded)
+            assert r.register_iowq_max_workers(0, 0) == (bounded + 3, unbounded)
+        finally:
+            r.register_iowq_max_workers(bounded, 0)
+    with pytest.raises(RingClosed):
+        r.register_iowq_max_workers(1, 1)
 
 
 def test_close_is_idempotent_and_final():
