@@ -67,14 +67,3 @@ def warm(paths: Iterable[str]) -> int:
         with open(p, "rb") as f:
             total += len(f.read())
     return total
-
-
-def evict(paths: Iterable[str]) -> None:
-    """Drop the files from the page cache (cold-read runs)."""
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)

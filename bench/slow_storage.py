@@ -58,12 +58,16 @@ async def run(reactor, mount: str, names: list[str], results: list) -> None:
     from asyncfile import FileLoader
 
     paths = [os.path.join(mount, n) for n in names]
+    from asyncfile.engines import _uring
+
     nowait = FileLoader(reactor, engine="nowait")
     pooled = FileLoader(reactor, engine="threads")
+    uring = FileLoader(reactor, engine="io_uring") if _uring.probe() is None else None
     sem = defer.DeferredSemaphore(64)
     approaches = {
         "asyncfile (nowait engine)": nowait.load,
         "asyncfile (threads engine)": pooled.load,
+        **({"asyncfile (io_uring engine)": uring.load} if uring is not None else {}),
         "deferToThread + DeferredSemaphore": lambda p: sem.run(threads.deferToThread, read, p),
         "naive FileReader (os.read in doRead)": lambda p: naive_reader_load(reactor, p),
         "blocking read in the reactor": lambda p: defer.succeed(read(p)),
@@ -75,8 +79,9 @@ async def run(reactor, mount: str, names: list[str], results: list) -> None:
             elapsed = time.perf_counter() - started
         assert all(len(d) == os.path.getsize(p) for d, p in zip(data, paths))
         results.append([name, f"{elapsed:.2f} s", f"{probe.worst * 1000:.1f} ms"])
-    nowait.close()
-    pooled.close()
+    for loader in (nowait, pooled, uring):
+        if loader is not None:
+            loader.close()
 
 
 def main() -> None:
