@@ -164,7 +164,7 @@ class _QuickLoad:
     """A load waiting for the next reactor turn, expected to be small and
     cached: far cheaper than an ``_Operation`` when it is."""
 
-    __slots__ = ("loader", "path", "offset", "length", "result")
+    __slots__ = ("loader", "path", "offset", "length", "result", "op")
 
     def __init__(self, loader: "FileLoader", path: str, offset: int, length: int | None) -> None:
         self.loader = loader
@@ -172,9 +172,13 @@ class _QuickLoad:
         self.offset = offset
         self.length = length
         self.result: defer.Deferred[bytes] = defer.Deferred(self._cancel)
+        self.op: _Operation | None = None
 
     def _cancel(self, _: defer.Deferred[bytes]) -> None:
-        self.loader.cancelled += 1  # its place is given back when its turn comes
+        if self.op is not None:
+            self.op.result.cancel()  # handed over: cancel the general path's work
+        else:
+            self.loader.cancelled += 1  # its place is given back when its turn comes
 
     def _granted(self, slot: Slot) -> None:
         result = self.result
@@ -198,6 +202,7 @@ class _QuickLoad:
         # Not small and cached after all: the general path takes over.
         op = _Operation(loader, self.path, self.offset, self.length, None)
         op.slot = slot
+        self.op = op
         op.result.chainDeferred(result)
         if got is None:
             op._granted(slot, opened=None)

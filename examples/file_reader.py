@@ -376,8 +376,8 @@ async def main(reactor, args: argparse.Namespace) -> None:
     readiness_of_a_regular_file(paths[0])
 
     decoder = Decoder(reactor, args.limit, args.decode_threads)
-    engine = make_engine("auto", reactor, IOPool(reactor, 4, name="by-hand-io"))
-    loader = FileLoader(reactor, chunk_size=chunk_size)
+    engine = make_engine("nowait", reactor, IOPool(reactor, 4, name="by-hand-io"))
+    loader = FileLoader(reactor, chunk_size=chunk_size, engine="nowait")  # the engine described above
     tally = Tally()
     evicted = evict(paths) if args.evict else 0  # fsync blocks: before measuring
     probe = StallProbe(reactor, decoder)

@@ -414,7 +414,7 @@ async def with_thread_pool(s: Setup, title: str, threads: int) -> Phase:
 
 
 async def with_file_loader(s: Setup, title: str, max_open: int, threads: int) -> Phase:
-    loader = FileLoader(s.reactor, max_open=max_open, io_threads=threads)
+    loader = FileLoader(s.reactor, max_open=max_open, io_threads=threads, engine="nowait")  # pool vs pool
     s.files.load = loader.load
     try:
         phase = await run_phase(s, Phase(title), heavy=True)

@@ -332,3 +332,22 @@ async def test_stats_names_the_engine(loader, engine):
 def test_unknown_engine_is_a_value_error():
     with pytest.raises(ValueError):
         FileLoader(reactor, engine="warp")
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_a_load_queued_for_the_next_turn_after_handover(make_loader, tmp_path):
+    """With the turn's budget spent, loads wait for the next turn; one that turns
+    out not to be small is handed to the general path, and cancelling it must
+    stop that work (not just the wrapper's Deferred)."""
+    loader = make_loader(chunk_size=CHUNK, turn_budget=0.0)
+    path = tmp_path / "big"
+    write(path, 2000 * CHUNK)
+    loads = [loader.load(path) for _ in range(3)]
+    await until(lambda: loader.stats()["open"] >= 1)
+    for d in loads:
+        d.cancel()
+    for d in loads:
+        with pytest.raises(defer.CancelledError):
+            await d
+    await until(lambda: loader.stats()["open"] == 0 and loader.stats()["active"] == 0)
+    assert loader.stats()["loaded"] == 0
