@@ -14,7 +14,6 @@ from zope.interface import implementer
 
 from .engines import IOPool, make_engine
 from .engines.base import IFileEngine, OpenedFile
-from . import _buffers
 from .interfaces import IFileLoader
 from .limiter import Limiter, Slot
 from .reader import BufferSink, ConsumerSink, FileReader

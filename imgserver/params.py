@@ -143,6 +143,10 @@ def _single_values(args: Mapping) -> dict[str, str]:
             )
         if isinstance(raw_values, (str, bytes, bytearray, int)):
             raw_values = [raw_values]
+        elif not isinstance(raw_values, (list, tuple)):
+            # A float, None or any other object from a programmatic caller:
+            # a bad request, not a TypeError deep inside.
+            raise BadRequest(f"{name} must be a whole number or text, not {type(raw_values).__name__}")
         values = list(raw_values)
         if len(values) > 1:
             raise BadRequest(f"{name} is given more than once")

@@ -29,7 +29,7 @@ from asyncfile import ConsumerStopped
 
 from . import signing
 from .conditional import Unsatisfiable, http_date, not_modified, parse_range, range_applies
-from .errors import BadRequest, ImageServerError, InternalError, NotFound, Timeout, error_body, error_headers, error_status
+from .errors import ImageServerError, InternalError, NotFound, Timeout, error_body, error_headers, error_status
 from .metrics import Metrics, MetricsResource
 from .params import parse_transform
 from .service import ImageService

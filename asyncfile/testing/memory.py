@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from ..errors import ConsumerStopped
 from ..interfaces import IFileLoader
-from ..limiter import Limiter, Slot
+from ..limiter import Limiter
 
 __all__ = ["MemoryLoader"]
 

@@ -189,3 +189,9 @@ def test_cache_keys_differ():
     ]
     keys = {parse(q).cache_key() for q in queries}
     assert len(keys) == len(queries)
+
+
+@pytest.mark.parametrize("value", [1.5, None, object()])
+def test_non_text_values_from_programmatic_callers_are_bad_requests(value):
+    with pytest.raises(BadRequest):
+        parse_transform({"w": value})
