@@ -20,7 +20,6 @@ from .reader import BufferSink, ConsumerSink, FileReader
 
 __all__ = ["FileLoader", "read_file", "default_loader"]
 
-PathLike = "str | bytes | os.PathLike[str] | os.PathLike[bytes]"
 
 
 class _Operation:

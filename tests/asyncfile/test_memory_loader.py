@@ -1,6 +1,5 @@
 """asyncfile.testing.MemoryLoader: FileLoader's contract in memory, on a Clock."""
 
-import pytest
 from twisted.internet import defer, task
 from zope.interface.verify import verifyObject
 

@@ -1,6 +1,5 @@
 """FileLoader.stream: push production into consumers that pause, stop, or are real sockets."""
 
-import os
 
 import pytest
 import pytest_twisted

@@ -835,7 +835,6 @@ async def test_burst_of_500_requests_gets_200_or_503(servers):
     from twisted.internet import defer
 
     server, client = await servers.start(workers=2, max_queue=50)
-    reactor = get_reactor()
     client.timeout = 30
     replies = await defer.gatherResults(
         [client.get(f"/images/photo.jpg?w={w}") for w in range(100, 600)],
