@@ -380,6 +380,44 @@ class FileLoader:
             return defer.fail()
         return _Operation(self, path, offset, length, consumer).begin()
 
+    def reader(self, path: Any, offset: int = 0, length: int | None = None,
+               inline_steps: int = 0) -> defer.Deferred[FileReader]:
+        """A ``FileReader`` for ``path``, opened under this loader's limits but
+        not started: attach processing callbacks to its ``deferred``, then
+        call ``start()`` (it registers with the reactor and reads one chunk
+        per ``doRead``).  Its place and descriptor are given back when its
+        ``deferred`` has fired; cancel that Deferred to give up unstarted.
+
+        ``inline_steps`` chunks are read at once on ``start()`` when cached
+        (0: every chunk goes through ``doRead``).
+        """
+        try:
+            _check_range(offset, length)
+            path = os.fsdecode(os.fspath(path))
+        except (TypeError, ValueError):
+            return defer.fail()
+
+        async def go() -> FileReader:
+            slot = await self._limiter.acquire()
+            try:
+                opened = await defer.maybeDeferred(self.engine.open, path)
+            except BaseException:
+                slot.release()
+                raise
+            self.open_files += 1
+
+            def closed() -> None:
+                self.open_files -= 1
+                slot.release()
+
+            expected = max(0, opened.size - offset)
+            if length is not None:
+                expected = min(expected, length)
+            return FileReader(opened, self.engine, BufferSink(expected, length, self.chunk_size), offset,
+                              reactor=self.reactor, on_closed=closed, inline_steps=inline_steps)
+
+        return defer.Deferred.fromCoroutine(go())
+
     def stats(self) -> dict[str, Any]:
         limiter = self._limiter
         return {

@@ -124,6 +124,7 @@ class FileReader(abstract.FileDescriptor):
         offset: int = 0,
         reactor: Any = None,
         on_closed: Callable[[], None] | None = None,
+        inline_steps: int = 2,
     ) -> None:
         abstract.FileDescriptor.__init__(self, reactor)
         self.connected = 1  # FileDescriptor.resumeProducing requires it
@@ -133,6 +134,7 @@ class FileReader(abstract.FileDescriptor):
         self.start_offset = offset
         self.deferred: defer.Deferred[Any] = defer.Deferred(self._cancel)
         self._on_closed = on_closed
+        self.inline_steps = inline_steps
         self._in_flight = False  # a read runs in another thread (or ring)
         self._paused = False
         self._finished = False
@@ -165,10 +167,12 @@ class FileReader(abstract.FileDescriptor):
         return "FileReader"
 
     # -- driving --------------------------------------------------------
-    def start(self, inline_steps: int = 2) -> defer.Deferred[Any]:
-        """Begin reading.  Up to ``inline_steps`` chunks are read right away
-        when cached: a small cached file completes here, never registering
-        with the reactor."""
+    def start(self, inline_steps: int | None = None) -> defer.Deferred[Any]:
+        """Begin reading.  Up to ``inline_steps`` (default: the constructor's)
+        chunks are read right away when cached: a small cached file completes
+        here, never registering with the reactor."""
+        if inline_steps is None:
+            inline_steps = self.inline_steps
         if self.file.inline:
             for _ in range(inline_steps):
                 if self._finished or self._in_flight or self._paused:

@@ -351,3 +351,37 @@ async def test_cancel_a_load_queued_for_the_next_turn_after_handover(make_loader
             await d
     await until(lambda: loader.stats()["open"] == 0 and loader.stats()["active"] == 0)
     assert loader.stats()["loaded"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_reader_by_hand_reads_one_chunk_per_doread(make_loader, tmp_path):
+    loader = make_loader(max_open=1, chunk_size=CHUNK)
+    path = tmp_path / "f"
+    data = write(path, 5 * CHUNK + 1)
+    reader = await loader.reader(path)
+    assert loader.stats()["open"] == 1 and not reader.deferred.called
+    processed = []
+    reader.deferred.addCallback(lambda got: processed.append(len(got)) or got)
+    waiting = loader.load(path)  # the place is held while the reader exists
+    assert loader.stats()["waiting"] == 1
+    assert await reader.start() == data
+    assert processed == [len(data)]
+    assert reader.chunks == 7  # 6 with data, then the read that returns 0
+    assert await waiting == data
+    assert loader.stats()["open"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_reader_cancelled_before_start_gives_back_its_place(make_loader, tmp_path):
+    loader = make_loader(max_open=1)
+    path = tmp_path / "f"
+    data = write(path, 100)
+    reader = await loader.reader(path)
+    reader.deferred.cancel()
+    with pytest.raises(defer.CancelledError):
+        await reader.deferred
+    await until(lambda: loader.stats()["open"] == 0)
+    assert await loader.load(path) == data
+    with pytest.raises(FileNotFoundError):
+        await loader.reader(tmp_path / "missing")
+    assert loader.stats()["active"] == 0
