@@ -128,6 +128,19 @@ class Limiter:
             "peak_waiting": self.peak_waiting,
         }
 
+    def loader_stats(self) -> dict[str, int | None]:
+        """The keys a file loader's ``stats()`` reports from its limiter
+        (shared by ``FileLoader`` and ``MemoryLoader``)."""
+        return {
+            "active": self.active,
+            "waiting": len(self._waiters),
+            "max_open": self.limit,
+            "max_waiting": self.max_waiting,
+            "rejected": self.rejected,
+            "peak_open": self.peak_active,
+            "peak_waiting": self.peak_waiting,
+        }
+
     def _grant(self) -> Slot:
         self.active += 1
         self.started += 1

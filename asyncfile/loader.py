@@ -116,9 +116,7 @@ class _Operation:
             FileReader(opened, loader.engine, BufferSink(0, 0, 1), reactor=loader.reactor,
                        on_closed=self._closed)._finish(None)
             return
-        expected = max(0, opened.size - self.offset)
-        if self.length is not None:
-            expected = min(expected, self.length)
+        expected = _expected(opened.size, self.offset, self.length)
         if self.consumer is None:
             sink: BufferSink | ConsumerSink = BufferSink(expected, self.length, loader.chunk_size)
         else:
@@ -206,6 +204,12 @@ class _QuickLoad:
             op._granted(slot, opened=None)
         else:
             op._opened(got)
+
+
+def _expected(size: int, offset: int, length: int | None) -> int:
+    """Bytes a range should yield if the file keeps the size ``fstat`` saw."""
+    expected = max(0, size - offset)
+    return expected if length is None else min(expected, length)
 
 
 def _check_range(offset: int, length: int | None) -> None:
@@ -410,30 +414,21 @@ class FileLoader:
                 self.open_files -= 1
                 slot.release()
 
-            expected = max(0, opened.size - offset)
-            if length is not None:
-                expected = min(expected, length)
+            expected = _expected(opened.size, offset, length)
             return FileReader(opened, self.engine, BufferSink(expected, length, self.chunk_size), offset,
                               reactor=self.reactor, on_closed=closed, inline_steps=inline_steps)
 
         return defer.Deferred.fromCoroutine(go())
 
     def stats(self) -> dict[str, Any]:
-        limiter = self._limiter
         return {
             "engine": self.engine.name,
             "open": self.open_files,
-            "active": limiter.active,
-            "waiting": limiter.waiting,
-            "max_open": limiter.limit,
-            "max_waiting": limiter.max_waiting,
+            **self._limiter.loader_stats(),
             "loaded": self.loaded,
             "bytes": self.bytes,
             "errors": self.errors,
             "cancelled": self.cancelled,
-            "rejected": limiter.rejected,
-            "peak_open": limiter.peak_active,
-            "peak_waiting": limiter.peak_waiting,
             **self.engine.stats(),
         }
 

@@ -454,3 +454,12 @@ def load_average() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
+
+
+def run_main(main: Any) -> None:
+    """``sys.exit(main())``; Ctrl-C stops the servers (atexit) and exits 130."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted: servers stopped", file=sys.stderr)
+        sys.exit(130)

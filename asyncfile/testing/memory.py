@@ -113,17 +113,11 @@ class MemoryLoader:
         return {
             "engine": "memory",
             "open": limiter.active,
-            "active": limiter.active,
-            "waiting": limiter.waiting,
-            "max_open": limiter.limit,
-            "max_waiting": limiter.max_waiting,
+            **limiter.loader_stats(),
             "loaded": self.loaded,
             "bytes": self.bytes,
             "errors": self.errors,
             "cancelled": self.cancelled,
-            "rejected": limiter.rejected,
-            "peak_open": limiter.peak_active,
-            "peak_waiting": limiter.peak_waiting,
             "inline_reads": 0,
             "pool_reads": 0,
         }
