@@ -4,20 +4,28 @@
     data = await read_file("photo.jpg")
 """
 
-from .errors import ConsumerStopped, NotRegularFile, Overloaded
-from .limiter import Limiter, Slot
+from .confine import OutsideRoot
+from .engines.base import Root
+from .errors import ConsumerStopped, ForkedError, LoaderClosed, NotRegularFile, Overloaded
+from .handle import FileHandle
 from .interfaces import IFileLoader
+from .limiter import Limiter, Slot
 from .loader import FileLoader, default_loader, read_file
 from .reader import FileReader
 
 __all__ = [
     "FileLoader",
+    "FileHandle",
+    "Root",
     "IFileLoader",
     "FileReader",
     "Limiter",
     "Slot",
     "Overloaded",
     "NotRegularFile",
+    "OutsideRoot",
+    "LoaderClosed",
+    "ForkedError",
     "ConsumerStopped",
     "read_file",
     "default_loader",

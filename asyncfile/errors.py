@@ -33,3 +33,22 @@ class ConsumerStopped(Exception):
     def __init__(self, written: int) -> None:
         super().__init__(f"consumer stopped after {written} bytes")
         self.written = written
+
+
+class LoaderClosed(RuntimeError):
+    """The ``FileLoader`` was closed: it starts no new work."""
+
+    def __init__(self) -> None:
+        super().__init__("the file loader is closed")
+
+
+class ForkedError(RuntimeError):
+    """Work that belongs to the parent of a ``fork()``.
+
+    A ``FileLoader`` created before ``fork()`` refuses work in the child
+    (its reactor, threads and io_uring ring are the parent's): the child
+    builds its own loader.  Operations in flight at the fork fail with it.
+    """
+
+    def __init__(self, what: str = "this FileLoader") -> None:
+        super().__init__(f"{what} was created before fork(); create a new FileLoader in the child")

@@ -1,8 +1,17 @@
-"""``FileLoader``: whole files, byte ranges and streams, under limits."""
+"""``FileLoader``: whole files, byte ranges, streams and open handles, under limits.
+
+One route for every load: a ``FileHandle`` (the one owner of the place and
+the descriptor: see ``handle.py``) and a ``_Read`` of a range of it into a
+sink.  A small cached file is the same route with every step done in the
+calling reactor turn: open, one ``RWF_NOWAIT`` read, a read that confirms
+end of file, close — no reader registered, no thread, no extra turn.
+"""
 
 from __future__ import annotations
 
+import enum
 import os
+import weakref
 from collections import deque
 from time import perf_counter
 from typing import Any
@@ -12,210 +21,175 @@ from twisted.internet.interfaces import IConsumer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from . import _buffers
 from .engines import IOPool, make_engine
-from .engines.base import IFileEngine, OpenedFile
+from .engines.base import IFileEngine, Root, open_root
+from .errors import ForkedError, LoaderClosed, Overloaded
+from .handle import FileHandle, HandleState
 from .interfaces import IFileLoader
-from .limiter import Limiter, Slot
-from .reader import BufferSink, ConsumerSink, FileReader
+from .limiter import Limiter
+from .reader import BufferSink, ConsumerSink, FileReader, _release
 
 __all__ = ["FileLoader", "read_file", "default_loader"]
 
+_LOADERS: "weakref.WeakSet[FileLoader]" = weakref.WeakSet()
 
 
-class _Operation:
-    """One load or stream, through its stages: waiting → opening → reading.
+def _after_fork_in_child() -> None:
+    for loader in list(_LOADERS):
+        loader._state = _LoaderState.FORKED
 
-    Cancelling at any stage frees the limiter place and the descriptor; the
-    place is given back only once the descriptor is really closed, so at
-    most ``max_open`` are ever open.
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _LoaderState(enum.Enum):
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+    FORKED = "forked"  # in the child of a fork(): everything is the parent's
+
+
+class _Kind(enum.Enum):
+    LOAD = "load"      # into bytes
+    STREAM = "stream"  # into an IConsumer
+    READER = "reader"  # hand out an unstarted FileReader
+
+
+class _Read:
+    """A range of a handle into a sink; closes the handle after if it opened it.
+
+    ``result`` fires once: on success or error after the handle it owns is
+    closed (its place given back); on cancellation at once (Twisted's
+    contract), while the descriptor is closed as soon as nothing runs on it.
     """
 
-    def __init__(self, loader: "FileLoader", path: str, offset: int, length: int | None,
-                 consumer: IConsumer | None) -> None:
+    __slots__ = ("loader", "handle", "own", "offset", "length", "consumer", "kind", "result", "reader")
+
+    def __init__(self, loader: "FileLoader", offset: int, length: int | None,
+                 consumer: IConsumer | None, kind: _Kind) -> None:
         self.loader = loader
-        self.path = path
+        self.handle: FileHandle | None = None
+        self.own = True
         self.offset = offset
         self.length = length
         self.consumer = consumer
-        self.slot: Slot | None = None
+        self.kind = kind
         self.reader: FileReader | None = None
-        self.stage: defer.Deferred[Any] | None = None
-        self.cancelled = False
         self.result: defer.Deferred[Any] = defer.Deferred(self._cancel)
 
-    def begin(self) -> defer.Deferred[Any]:
-        loader = self.loader
-        slot = loader._limiter.try_acquire()
-        if slot is not None:
-            loader._start(self, slot)
-        else:
-            self.stage = loader._limiter.acquire()
-            self.stage.addCallbacks(self._granted_later, self._fail)
-        return self.result
-
-    def _granted_later(self, slot: Slot) -> None:
-        self.loader._start(self, slot)
-
     def _cancel(self, _: defer.Deferred[Any]) -> None:
-        self.cancelled = True
         self.loader.cancelled += 1
-        if self.reader is not None:
-            self.reader.deferred.cancel()
-        elif self.stage is not None:
-            self.stage.cancel()
+        reader, handle = self.reader, self.handle
+        if reader is not None:
+            reader.end(Failure(defer.CancelledError()))
+        elif handle is not None and self.own:
+            handle.abandon()
 
-    def _fail(self, failure: Failure) -> None:
-        if not self.result.called:
-            self.result.errback(failure)
-
-    def _granted(self, slot: Slot, opened: Any = False) -> None:
-        self.slot = slot
-        if self.cancelled:
-            self._release()
+    # -- the handle is open (or failed to open) ---------------------------
+    def opened(self, handle: Any) -> None:
+        if isinstance(handle, Failure):
+            self._fire(handle)
+            return
+        if self.result.called and self.kind is not _Kind.READER:  # cancelled meanwhile
+            self._release_handle()
             return
         loader = self.loader
-        started = perf_counter()
+        f = handle.file
         try:
-            if opened is None:  # the fast path found that this file opens slowly
-                opened = loader.engine.open(self.path)
-            elif self.consumer is None and loader._read_small is not None:
-                opened = loader._read_cached(self.path, self.offset, self.length)
-                if opened is None:
-                    opened = loader.engine.open(self.path)
-                elif isinstance(opened, bytes):
-                    loader._charge(perf_counter() - started)
-                    self._release()
-                    self.result.callback(opened)
+            size = f.size - self.offset if f.size > self.offset else 0
+            expected = size if self.length is None or self.length > size else self.length
+            if self.kind is _Kind.LOAD and f.inline and expected <= loader.chunk_size:
+                data = self._read_small(f, expected)
+                if data is not None:
+                    self._done(data)
                     return
-                else:
-                    loader.open_files -= 1  # _opened counts it again
+            if self.kind is _Kind.STREAM:
+                sink: Any = ConsumerSink(self.consumer, expected, self.length, loader.chunk_size)
             else:
-                opened = loader.engine.open(self.path)
+                sink = BufferSink(expected, self.length, loader.chunk_size)
+            reader = FileReader(f, loader.engine, sink, self.offset, reactor=loader.reactor,
+                                owner=self._reader_done, inline_steps=0 if self.kind is _Kind.READER else 2)
         except Exception:
-            loader._charge(perf_counter() - started)
-            self._release()
-            loader.errors += 1
-            self._fail(Failure())
+            self._done(Failure())
             return
-        if isinstance(opened, defer.Deferred):
-            loader._charge(perf_counter() - started)
-            self.stage = opened
-            opened.addCallbacks(self._opened, self._open_failed)
-        else:
-            self._opened(opened)
-            loader._charge(perf_counter() - started)
-
-    def _open_failed(self, failure: Failure) -> None:
-        self._release()
-        self._fail(failure)
-
-    def _opened(self, opened: OpenedFile) -> None:
-        loader = self.loader
-        loader.open_files += 1
-        if self.cancelled:  # the open completed synchronously after all
-            FileReader(opened, loader.engine, BufferSink(0, 0, 1), reactor=loader.reactor,
-                       on_closed=self._closed)._finish(None)
-            return
-        expected = _expected(opened.size, self.offset, self.length)
-        if self.consumer is None:
-            sink: BufferSink | ConsumerSink = BufferSink(expected, self.length, loader.chunk_size)
-        else:
-            sink = ConsumerSink(self.consumer, expected, self.length, loader.chunk_size)
-        reader = FileReader(opened, loader.engine, sink, self.offset, reactor=loader.reactor,
-                            on_closed=self._closed)
         self.reader = reader
-        if self.consumer is not None:
-            self.consumer.registerProducer(reader, True)
-        reader.deferred.addBoth(self._read_done)
+        handle.add_reader(reader)
+        if self.kind is _Kind.READER:
+            self.result.callback(reader)
+            return
+        if self.kind is _Kind.STREAM:
+            try:
+                self.consumer.registerProducer(reader, True)
+            except Exception:
+                reader.end(Failure())
+                return
         reader.start()
 
-    def _read_done(self, outcome: Any) -> None:
+    def _read_small(self, f: Any, expected: int) -> bytes | None:
+        """The whole range in this turn if it is in the page cache; else None."""
         loader = self.loader
-        if self.consumer is not None:
+        engine = loader.engine
+        started = perf_counter()
+        obj, view = _buffers.allocate(expected)
+        try:
+            n = engine.read_inline(f, view, self.offset) if expected else 0
+            if n == expected and (expected == self.length or
+                                  engine.read_inline(f, loader._eof_probe, self.offset + n) == 0):
+                return _buffers.finish(obj, view, n)
+        except BlockingIOError:
+            pass  # not cached: the FileReader reads it
+        finally:
+            _release(view)
+            loader._charge(perf_counter() - started)
+        return None
+
+    def _reader_done(self, outcome: Any) -> None:
+        reader = self.reader
+        if self.kind is _Kind.STREAM:
             try:
                 self.consumer.unregisterProducer()
             except Exception:
                 pass
-        if isinstance(outcome, Failure):
-            if not outcome.check(defer.CancelledError):
-                loader.errors += 1
-            self._fail(outcome)
-            return
-        loader.loaded += 1
-        loader.bytes += self.reader.sink.filled
-        if not self.result.called:
-            self.result.callback(outcome)
+        self.handle.remove_reader(reader)
+        self._done(outcome)
 
-    def _closed(self) -> None:
-        self.loader.open_files -= 1
-        self._release()
-
-    def _release(self) -> None:
-        if self.slot is not None:
-            slot, self.slot = self.slot, None
-            slot.release()
-
-
-class _QuickLoad:
-    """A load waiting for the next reactor turn, expected to be small and
-    cached: far cheaper than an ``_Operation`` when it is."""
-
-    __slots__ = ("loader", "path", "offset", "length", "result", "op")
-
-    def __init__(self, loader: "FileLoader", path: str, offset: int, length: int | None) -> None:
-        self.loader = loader
-        self.path = path
-        self.offset = offset
-        self.length = length
-        self.result: defer.Deferred[bytes] = defer.Deferred(self._cancel)
-        self.op: _Operation | None = None
-
-    def _cancel(self, _: defer.Deferred[bytes]) -> None:
-        if self.op is not None:
-            self.op.result.cancel()  # handed over: cancel the general path's work
+    def _done(self, outcome: Any) -> None:
+        """The read is over: close the handle if it is ours, then fire."""
+        if self.own:
+            self.handle.when_closed(lambda: self._fire(outcome))
+            self.handle.abandon()
         else:
-            self.loader.cancelled += 1  # its place is given back when its turn comes
+            self._fire(outcome)
 
-    def _granted(self, slot: Slot) -> None:
-        result = self.result
-        if result.called:  # cancelled while it waited
-            slot.release()
-            return
+    def _release_handle(self) -> None:
+        if self.own and self.handle is not None:
+            self.handle.abandon()
+
+    def _fire(self, outcome: Any) -> None:
         loader = self.loader
-        try:
-            got = loader._read_small(self.path, self.offset, self.length, loader.chunk_size, loader._eof_probe)
-        except OSError:
-            slot.release()
-            loader.errors += 1
-            result.errback()
-            return
-        if type(got) is bytes:
-            slot.release()
+        if isinstance(outcome, Failure):
+            if not outcome.check(defer.CancelledError, Overloaded):
+                loader.errors += 1
+        elif self.kind is not _Kind.READER:
             loader.loaded += 1
-            loader.bytes += len(got)
-            result.callback(got)
+            loader.bytes += outcome if type(outcome) is int else len(outcome)
+        reader = self.reader
+        if self.kind is _Kind.READER and reader is not None:
+            reader.fire()  # the reader's own Deferred, now that the descriptor is closed
             return
-        # Not small and cached after all: the general path takes over.
-        op = _Operation(loader, self.path, self.offset, self.length, None)
-        op.slot = slot
-        self.op = op
-        op.result.chainDeferred(result)
-        if got is None:
-            op._granted(slot, opened=None)
-        else:
-            op._opened(got)
+        if not self.result.called:
+            if isinstance(outcome, Failure):
+                self.result.errback(outcome)
+            else:
+                self.result.callback(outcome)
 
 
-def _expected(size: int, offset: int, length: int | None) -> int:
-    """Bytes a range should yield if the file keeps the size ``fstat`` saw."""
-    expected = max(0, size - offset)
-    return expected if length is None else min(expected, length)
-
-
-def _check_range(offset: int, length: int | None) -> None:
-    if not isinstance(offset, int) or offset < 0:
+def _check_range(offset: Any, length: Any) -> None:
+    if type(offset) is not int or offset < 0:
         raise ValueError(f"offset must be a non-negative int, not {offset!r}")
-    if length is not None and (not isinstance(length, int) or length < 0):
+    if length is not None and (type(length) is not int or length < 0):
         raise ValueError(f"length must be None or a non-negative int, not {length!r}")
 
 
@@ -224,13 +198,14 @@ class FileLoader:
     """Loads files without blocking the reactor, with bounded descriptors and waiters.
 
     :param reactor: the reactor (default: the global one).
-    :param max_open: descriptors open at once; further loads wait, FIFO.
+    :param max_open: descriptors open at once (counting opens in progress);
+        further loads wait, first come first served.
     :param max_waiting: loads allowed to wait; beyond that ``load`` fails at
-        once with ``Overloaded``.
-    :param chunk_size: bytes read per reactor iteration (and per pool call).
+        once with ``Overloaded`` (None: no bound).
+    :param chunk_size: bytes read per reactor iteration (and per off-thread read).
     :param engine: ``"auto"``, ``"io_uring"``, ``"nowait"`` or ``"threads"``;
-        or an engine object (``IFileEngine``, e.g. ``UringEngine(reactor,
-        IOPool(reactor), entries=32)``), which the loader then owns and stops.
+        or an ``IFileEngine`` (``make_engine(...)``), which the loader then
+        owns and stops.
     :param io_threads: size of the dedicated I/O thread pool.
     :param turn_budget: seconds of inline work (page-cache copies, local
         opens) one reactor turn may do for new loads before the rest start in
@@ -238,7 +213,7 @@ class FileLoader:
         the reactor either.
     """
 
-    def __init__(self, reactor: Any = None, max_open: int = 64, max_waiting: int = 1024,
+    def __init__(self, reactor: Any = None, max_open: int = 64, max_waiting: int | None = 1024,
                  chunk_size: int = 256 * 1024, engine: Any = "auto", io_threads: int = 16,
                  turn_budget: float = 0.001) -> None:
         if reactor is None:
@@ -250,33 +225,30 @@ class FileLoader:
         self.chunk_size = chunk_size
         self._limiter = Limiter(max_open, max_waiting)
         if isinstance(engine, str):
-            self.pool = IOPool(reactor, io_threads)
+            self.pool: IOPool | None = IOPool(reactor, io_threads)
             self.engine: IFileEngine = make_engine(engine, reactor, self.pool)
         elif IFileEngine.providedBy(engine):
             self.engine = engine
-            self.pool = getattr(engine, "pool", None) or IOPool(reactor, io_threads)
+            self.pool = None
         else:
             raise TypeError(f"engine must be a name or an IFileEngine, not {engine!r}")
-        self._read_small = getattr(self.engine, "read_small", None)
         self._eof_probe = memoryview(bytearray(1))  # used in the reactor thread only
         self.turn_budget = turn_budget
         self._spent = 0.0
         self._turn_pending = False
-        self._ready: deque[tuple[Any, Slot]] = deque()  # (op with _granted(slot), its place)
+        self._ready: deque[FileHandle] = deque()  # with a place, waiting for a turn
+        self._handles: set[FileHandle] = set()    # not CLOSED
+        self._state = _LoaderState.RUNNING
+        self._closing: defer.Deferred[None] | None = None
         self.open_files = 0
         self.loaded = 0
         self.bytes = 0
         self.errors = 0
         self.cancelled = 0
+        self._trigger: Any = reactor.addSystemEventTrigger("before", "shutdown", self._at_shutdown)
+        _LOADERS.add(self)
 
-    def _start(self, op: _Operation, slot: Slot) -> None:
-        """Start ``op`` now, or in a later turn once this one's inline budget is spent."""
-        if self._spent < self.turn_budget and not self._ready:
-            op._granted(slot)
-        else:
-            self._ready.append((op, slot))
-            self._schedule_turn()
-
+    # -- turns ----------------------------------------------------------------
     def _charge(self, seconds: float) -> None:
         """Count inline work against this reactor turn's budget."""
         self._spent += seconds
@@ -287,89 +259,86 @@ class FileLoader:
             self._turn_pending = True
             self.reactor.callLater(0, self._next_turn)
 
+    def _defer_to_next_turn(self, handle: FileHandle) -> None:
+        self._ready.append(handle)
+        self._schedule_turn()
+
     def _next_turn(self) -> None:
         self._turn_pending = False
         self._spent = 0.0
         ready = self._ready
-        # Wall time, not just what _granted charges: the callbacks that the
+        # Wall time, not just what the opens charge: the callbacks that the
         # results run (the caller's code) count against the turn too.
         started = perf_counter()
         while ready:
-            op, slot = ready.popleft()
-            op._granted(slot)
-            if perf_counter() - started >= self.turn_budget:
-                break
+            handle = ready.popleft()
+            if handle.state is HandleState.READY:  # not closed meanwhile
+                handle._open_now()
+                if perf_counter() - started >= self.turn_budget:
+                    break
         self._spent = max(self._spent, perf_counter() - started)
         if ready:
             self._schedule_turn()
 
-    def load(self, path: Any, offset: int = 0, length: int | None = None) -> defer.Deferred[bytes]:
-        """The file's bytes from ``offset``, at most ``length`` of them (all when None).
+    def _forget(self, handle: FileHandle) -> None:
+        self._handles.discard(handle)
+        if self._state is _LoaderState.CLOSING and not self._handles:
+            self._stop_engine()
 
-        Like ``pread``: a range past the end gives fewer bytes or none.  Fails
-        with the original ``OSError`` (``FileNotFoundError``, ...) or
-        ``Overloaded``; cancel it to give up.
-        """
-        if type(path) is not str or type(offset) is not int or offset < 0 or (
+    # -- the route --------------------------------------------------------------
+    def _refusal(self) -> defer.Deferred[Any] | None:
+        if self._state is _LoaderState.RUNNING:
+            return None
+        if self._state is _LoaderState.FORKED:
+            return defer.fail(ForkedError())
+        return defer.fail(LoaderClosed())
+
+    def _begin(self, source: Any, root: Root | None, offset: Any, length: Any,
+               consumer: IConsumer | None, kind: _Kind) -> defer.Deferred[Any]:
+        refused = self._refusal()
+        if refused is not None:
+            return refused
+        if isinstance(source, FileHandle):
+            try:
+                _check_range(offset, length)
+                if source.loader is not self:
+                    raise ValueError("the handle belongs to another FileLoader")
+                if source.state is not HandleState.OPEN:
+                    raise ValueError(f"I/O operation on a handle that is {source.state.value}")
+            except ValueError:
+                return defer.fail()
+            read = _Read(self, offset, length, consumer, kind)
+            read.own = False
+            read.handle = source
+            read.opened(source)
+            return read.result
+        if type(source) is not str or type(offset) is not int or offset < 0 or (
                 length is not None and (type(length) is not int or length < 0)):
             try:
                 _check_range(offset, length)
-                path = os.fsdecode(os.fspath(path))
+                source = os.fsdecode(os.fspath(source))
             except (TypeError, ValueError):
                 return defer.fail()
-        if self._read_small is not None:
-            if not self._ready and self._spent < self.turn_budget:
-                done = self._load_now(path, offset, length)
-                if done is not None:
-                    return done
-            else:
-                slot = self._limiter.try_acquire()
-                if slot is not None:  # a place, but this turn's budget is spent
-                    quick = _QuickLoad(self, path, offset, length)
-                    self._ready.append((quick, slot))
-                    self._schedule_turn()
-                    return quick.result
-        return _Operation(self, path, offset, length, None).begin()
+        read = _Read(self, offset, length, consumer, kind)
+        handle = FileHandle(self, source, root, read.opened)
+        read.handle = handle
+        self._handles.add(handle)
+        handle.start()
+        return read.result
 
-    def _load_now(self, path: str, offset: int, length: int | None) -> defer.Deferred[bytes] | None:
-        """``load`` without queueing, Deferred chains or a reader, where a
-        place is free and the file is small and cached; None otherwise."""
-        limiter = self._limiter
-        if limiter.active >= limiter.limit or limiter.waiting:
-            return None
-        started = perf_counter()
-        try:
-            got = self._read_small(path, offset, length, self.chunk_size, self._eof_probe)
-        except OSError:
-            self.errors += 1
-            return defer.fail()
-        finally:
-            self._charge(perf_counter() - started)
-        if got is None:
-            return None
-        if type(got) is bytes:
-            limiter.started += 1  # it held its place only within this call
-            self.loaded += 1
-            self.bytes += len(got)
-            return defer.succeed(got)
-        op = _Operation(self, path, offset, length, None)
-        op.slot = limiter.try_acquire()
-        op._opened(got)
-        return op.result
+    def load(self, source: Any, offset: int = 0, length: int | None = None, *,
+             root: Root | None = None) -> defer.Deferred[bytes]:
+        """The file's bytes from ``offset``, at most ``length`` of them (all when None).
 
-    def _read_cached(self, path: str, offset: int, length: int | None) -> bytes | OpenedFile | None:
-        """A small cached file in this reactor turn, with no reader and no
-        thread (the engine's ``read_small``); see there for the results."""
-        got = self._read_small(path, offset, length, self.chunk_size, self._eof_probe)
-        if isinstance(got, bytes):
-            self.loaded += 1
-            self.bytes += len(got)
-        elif got is not None:
-            self.open_files += 1
-        return got
+        ``source`` is a path (relative to ``root`` if given) or a
+        ``FileHandle``.  Like ``pread``: a range past the end gives fewer bytes
+        or none.  Fails with the original error (``FileNotFoundError``,
+        ``OutsideRoot``, ...) or ``Overloaded``; cancel it to give up.
+        """
+        return self._begin(source, root, offset, length, None, _Kind.LOAD)
 
-    def stream(self, path: Any, consumer: IConsumer, offset: int = 0,
-               length: int | None = None) -> defer.Deferred[int]:
+    def stream(self, source: Any, consumer: IConsumer, offset: int = 0, length: int | None = None, *,
+               root: Root | None = None) -> defer.Deferred[int]:
         """Write the file (or a range) into ``consumer`` as a push producer.
 
         Honours ``pauseProducing``/``resumeProducing``; fires with the number
@@ -377,50 +346,84 @@ class FileLoader:
         stopped the producer (a client disconnected).  The consumer is not
         finished: the caller decides what comes after.
         """
-        try:
-            _check_range(offset, length)
-            path = os.fsdecode(os.fspath(path))
-        except (TypeError, ValueError):
-            return defer.fail()
-        return _Operation(self, path, offset, length, consumer).begin()
+        return self._begin(source, root, offset, length, consumer, _Kind.STREAM)
 
-    def reader(self, path: Any, offset: int = 0, length: int | None = None,
-               inline_steps: int = 0) -> defer.Deferred[FileReader]:
-        """A ``FileReader`` for ``path``, opened under this loader's limits but
-        not started: attach processing callbacks to its ``deferred``, then
+    def reader(self, source: Any, offset: int = 0, length: int | None = None, *,
+               root: Root | None = None) -> defer.Deferred[FileReader]:
+        """A ``FileReader`` for ``source``, opened under this loader's limits
+        but not started: attach processing callbacks to its ``deferred``, then
         call ``start()`` (it registers with the reactor and reads one chunk
-        per ``doRead``).  Its place and descriptor are given back when its
-        ``deferred`` has fired; cancel that Deferred to give up unstarted.
-
-        ``inline_steps`` chunks are read at once on ``start()`` when cached
-        (0: every chunk goes through ``doRead``).
+        per ``doRead``).  Its ``deferred`` fires once the descriptor is closed
+        and the place given back (when ``source`` is a path); cancel it to
+        give up, started or not.
         """
+        return self._begin(source, root, offset, length, None, _Kind.READER)
+
+    def open(self, path: Any, *, root: Root | None = None) -> defer.Deferred[FileHandle]:
+        """Open ``path`` (beneath ``root`` if given) as a ``FileHandle``.
+
+        The handle holds a place and a descriptor until its ``close()``: the
+        caller owns it.  Cancelling this Deferred gives up the open (an open
+        already running off the reactor thread keeps its place until it
+        ends; its descriptor is then closed).
+        """
+        refused = self._refusal()
+        if refused is not None:
+            return refused
         try:
-            _check_range(offset, length)
             path = os.fsdecode(os.fspath(path))
-        except (TypeError, ValueError):
+        except TypeError:
             return defer.fail()
 
-        async def go() -> FileReader:
-            slot = await self._limiter.acquire()
-            try:
-                opened = await defer.maybeDeferred(self.engine.open, path)
-            except BaseException:
-                slot.release()
-                raise
-            self.open_files += 1
+        def on_open(got: Any) -> None:
+            if result.called:
+                if isinstance(got, FileHandle):
+                    got.abandon()  # cancelled meanwhile
+                return
+            if isinstance(got, Failure):
+                if not got.check(defer.CancelledError, Overloaded):
+                    self.errors += 1
+                result.errback(got)
+            else:
+                result.callback(got)
 
-            def closed() -> None:
-                self.open_files -= 1
-                slot.release()
+        def cancel(_: Any) -> None:
+            self.cancelled += 1
+            handle.abandon()
 
-            expected = _expected(opened.size, offset, length)
-            return FileReader(opened, self.engine, BufferSink(expected, length, self.chunk_size), offset,
-                              reactor=self.reactor, on_closed=closed, inline_steps=inline_steps)
+        result: defer.Deferred[FileHandle] = defer.Deferred(cancel)
+        handle = FileHandle(self, path, root, on_open)
+        self._handles.add(handle)
+        handle.start()
+        return result
 
-        return defer.Deferred.fromCoroutine(go())
+    def open_root(self, path: Any, *, no_symlinks: bool = False) -> defer.Deferred[Root]:
+        """A ``Root`` for confined opens beneath the directory ``path``.
 
+        Opens resolve with ``openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)``
+        relative to it (``| RESOLVE_NO_SYMLINKS`` with ``no_symlinks``), or
+        with a per-component ``O_NOFOLLOW`` walk where openat2 is missing;
+        ``..``, absolute paths and symlinks leading outside fail with
+        ``OutsideRoot``.  The root's descriptor is outside ``max_open``;
+        ``Root.close()`` releases it.
+        """
+        refused = self._refusal()
+        if refused is not None:
+            return refused
+        try:
+            path = os.fsdecode(os.fspath(path))
+        except TypeError:
+            return defer.fail()
+        opens_inline = getattr(self.engine, "opens_inline", None)
+        if self.pool is None or (opens_inline is not None
+                                 and opens_inline(os.path.join(os.path.abspath(path), "."))):
+            return defer.maybeDeferred(open_root, path, no_symlinks)
+        return self.pool.run(open_root, path, no_symlinks)
+
+    # -- the rest -----------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
+        from .confine import confinement_method
+
         return {
             "engine": self.engine.name,
             "open": self.open_files,
@@ -429,12 +432,46 @@ class FileLoader:
             "bytes": self.bytes,
             "errors": self.errors,
             "cancelled": self.cancelled,
+            "confinement": confinement_method(),
             **self.engine.stats(),
         }
 
-    def close(self) -> None:
-        """Stop the engine's threads (loads in flight finish first)."""
-        self.engine.stop()
+    def _at_shutdown(self) -> defer.Deferred[None]:
+        self._trigger = None  # firing: not to be removed
+        return self.close()
+
+    def close(self) -> defer.Deferred[None]:
+        """Stop: refuse new work, stop every load and handle (they fail with
+        ``LoaderClosed``), close their descriptors, then stop the engine's
+        threads and ring.  Never blocks the reactor; fires when all is done.
+        Idempotent.  Called by reactor shutdown too.
+        """
+        if self._closing is None:
+            self._closing = defer.Deferred()
+            if self._state is _LoaderState.FORKED:  # the engine is the parent's
+                self._closing.callback(None)
+            elif self._state is _LoaderState.RUNNING:
+                self._state = _LoaderState.CLOSING
+                trigger, self._trigger = self._trigger, None
+                if trigger is not None:
+                    self.reactor.removeSystemEventTrigger(trigger)
+                why = Failure(LoaderClosed())
+                for handle in list(self._handles):
+                    handle.abandon(why)
+                if not self._handles:
+                    self._stop_engine()
+        done: defer.Deferred[None] = defer.Deferred()
+        self._closing.addBoth(lambda r: (done.callback(None), r)[1])
+        return done
+
+    def _stop_engine(self) -> None:
+        if self._state is not _LoaderState.CLOSING:
+            return
+        self._state = _LoaderState.CLOSED
+        d = defer.maybeDeferred(self.engine.stop)
+        if self.pool is not None:
+            d.addBoth(lambda _: self.pool.stop())
+        d.addBoth(lambda _: self._closing.callback(None))
 
 
 _default: FileLoader | None = None
@@ -443,7 +480,7 @@ _default: FileLoader | None = None
 def default_loader() -> FileLoader:
     """The module-level loader behind ``read_file`` (created on first use)."""
     global _default
-    if _default is None:
+    if _default is None or _default._state is not _LoaderState.RUNNING:
         _default = FileLoader()
     return _default
 

@@ -1,4 +1,4 @@
-"""``FileReader``: a ``FileDescriptor`` that reads one regular file, chunk by chunk.
+"""``FileReader``: a ``FileDescriptor`` that reads one open regular file, chunk by chunk.
 
 Registered with ``reactor.addReader`` (``startReading``), it reads one chunk
 per ``doRead`` so the reactor runs other work between chunks.  A regular
@@ -8,10 +8,14 @@ thread while the reader is unregistered, then reading resumes.
 
 End of file is a read that returns 0: never the ``fstat`` size (files grow
 and shrink; /proc files claim size 0) and never a short read.
+
+The reader never closes the descriptor: whoever owns it (a ``FileHandle``)
+does, once the reader has ended and no read on the descriptor is running.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Any, Callable
 
 from twisted.internet import abstract, defer
@@ -20,18 +24,32 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import _buffers
-from .engines.base import IFileEngine, OpenedFile
+from .engines.base import IFileEngine, Op, OpenedFile
 from .errors import ConsumerStopped
 
-__all__ = ["FileReader", "BufferSink", "ConsumerSink"]
+__all__ = ["FileReader", "BufferSink", "ConsumerSink", "ReaderState"]
 
 # Reads past the expected end: one byte tells EOF (0) from growth (1); a
 # file that did grow is then read in whole chunks.
 PROBE_SIZE = 1
 
 
+def _release(view: memoryview | None) -> None:
+    """Revoke a view: nobody can write into the buffer through it any more."""
+    if view is not None:
+        try:
+            view.release()
+        except BufferError:  # still exported (an abandoned io_uring read)
+            pass
+
+
 class BufferSink:
-    """Collects the file into one buffer preallocated from the expected size."""
+    """Collects the file into one buffer preallocated from the expected size.
+
+    ``result()`` returns the buffer as ``bytes`` (without a copy when the
+    size was right) and revokes every view of it, so nobody can change the
+    result afterwards.
+    """
 
     def __init__(self, expected: int, limit: int | None, chunk_size: int) -> None:
         self.obj, self.buf = _buffers.allocate(expected)
@@ -52,7 +70,7 @@ class BufferSink:
         # The buffer is full: look past the expected end for EOF or growth.
         if self._probe is None:
             self._probe = memoryview(bytearray(PROBE_SIZE))
-        return self._probe
+        return self._probe[:]
 
     def wrote(self, view: memoryview, n: int) -> None:
         if self._probe is not None and view.obj is self._probe.obj and self.filled >= len(self.buf):
@@ -61,14 +79,20 @@ class BufferSink:
             grown = bytearray(self.filled + n + max(self.chunk_size, self.filled // 2))
             grown[:self.filled] = self.buf[:self.filled]
             grown[self.filled:self.filled + n] = view[:n]
+            _release(self.buf)
             self.obj, self.buf = grown, memoryview(grown)
         self.filled += n
 
     def result(self) -> bytes:
-        return _buffers.finish(self.obj, self.buf, self.filled)
+        data = _buffers.finish(self.obj, self.buf, self.filled)
+        self.discard()
+        return data
 
-    def at_end(self) -> None:
-        pass
+    def discard(self) -> None:
+        """Drop the buffer (revoking its views): nothing of it may change later."""
+        _release(self.buf)
+        _release(self._probe)
+        self.obj = None
 
 
 class ConsumerSink:
@@ -99,10 +123,28 @@ class ConsumerSink:
         self.filled += n
         self.remaining_expected = max(0, self.remaining_expected - n)
         obj, self._obj = self._obj, None
-        self.consumer.write(_buffers.finish(obj, view, n))
+        data = _buffers.finish(obj, view, n)
+        _release(view)
+        self.consumer.write(data)
 
     def result(self) -> int:
         return self.filled
+
+    def discard(self) -> None:
+        self._obj = None
+
+
+class ReaderState(enum.Enum):
+    IDLE = "idle"              # built, not started
+    READY = "ready"            # registered with the reactor: the next chunk in doRead
+    IN_FLIGHT = "in_flight"    # a chunk is being read off the reactor thread
+    PAUSED = "paused"          # the consumer paused it; nothing running
+    PAUSED_IN_FLIGHT = "paused_in_flight"  # paused while a chunk was being read
+    ENDING = "ending"          # ended while a chunk was being read: waits for it
+    DONE = "done"              # nothing running on the descriptor any more
+
+
+_S = ReaderState
 
 
 @implementer(IPushProducer)
@@ -110,10 +152,11 @@ class FileReader(abstract.FileDescriptor):
     """Reads an opened file into a sink, one chunk per reactor iteration.
 
     ``deferred`` fires with the sink's result (``bytes`` for ``BufferSink``,
-    the byte count for ``ConsumerSink``) or fails with the ``OSError`` of the
-    read.  The descriptor is closed exactly once, and only when no read on it
-    is running in another thread; ``on_closed`` is then called (the loader
-    gives its limiter place back there).
+    the byte count for ``ConsumerSink``) or fails with the error of the read
+    (whatever its type).  With an ``owner`` callback, the reader calls
+    ``owner(outcome)`` instead once nothing runs on the descriptor any more,
+    and the owner fires ``deferred`` when it has closed the descriptor.
+    Cancelling ``deferred`` stops the reader.
     """
 
     def __init__(
@@ -123,7 +166,7 @@ class FileReader(abstract.FileDescriptor):
         sink: BufferSink | ConsumerSink,
         offset: int = 0,
         reactor: Any = None,
-        on_closed: Callable[[], None] | None = None,
+        owner: Callable[[Any], None] | None = None,
         inline_steps: int = 2,
     ) -> None:
         abstract.FileDescriptor.__init__(self, reactor)
@@ -133,136 +176,162 @@ class FileReader(abstract.FileDescriptor):
         self.sink = sink
         self.start_offset = offset
         self.deferred: defer.Deferred[Any] = defer.Deferred(self._cancel)
-        self._on_closed = on_closed
+        self._owner = owner
         self.inline_steps = inline_steps
-        self._in_flight = False  # a read runs in another thread (or ring)
-        self._paused = False
-        self._finished = False
-        self._fd_open = True
-        self._reading = False
+        self.state = _S.IDLE
+        self._op: Op | None = None
         self._outcome: Any = None
+        self._registered = False
         self.chunks = 0
 
     # -- IReadDescriptor ------------------------------------------------
     def fileno(self) -> int:
-        return self.file.fd if self._fd_open else -1
+        return self.file.fd if self.state is not _S.DONE else -1
 
     def doRead(self) -> None:
-        self._step(inline=True)
+        if self.state is _S.READY:
+            self._step()
 
     def connectionLost(self, reason: Failure) -> None:
         # The reactor disconnects every reader at shutdown.
-        self._finish(reason)
-
-    def startReading(self) -> None:
-        self._reading = True
-        abstract.FileDescriptor.startReading(self)
-
-    def stopReading(self) -> None:
-        if self._reading:
-            self._reading = False
-            abstract.FileDescriptor.stopReading(self)
+        self.end(reason)
 
     def logPrefix(self) -> str:
         return "FileReader"
+
+    def _register(self) -> None:
+        if not self._registered:
+            self._registered = True
+            self.startReading()
+
+    def _unregister(self) -> None:
+        if self._registered:
+            self._registered = False
+            self.stopReading()
 
     # -- driving --------------------------------------------------------
     def start(self, inline_steps: int | None = None) -> defer.Deferred[Any]:
         """Begin reading.  Up to ``inline_steps`` (default: the constructor's)
         chunks are read right away when cached: a small cached file completes
         here, never registering with the reactor."""
-        if inline_steps is None:
-            inline_steps = self.inline_steps
+        if self.state is not _S.IDLE:
+            return self.deferred
+        self.state = _S.READY
+        steps = self.inline_steps if inline_steps is None else inline_steps
         if self.file.inline:
-            for _ in range(inline_steps):
-                if self._finished or self._in_flight or self._paused:
-                    break
-                self._step(inline=True)
-            if not (self._finished or self._in_flight or self._paused):
-                self.startReading()
-        else:
-            self._step(inline=False)
+            for _ in range(steps):
+                if self.state is not _S.READY:
+                    return self.deferred
+                self._step()
+        if self.state is _S.READY:
+            self._continue()
         return self.deferred
 
-    def _step(self, inline: bool) -> None:
-        if self._finished or self._in_flight or self._paused:
+    def _continue(self) -> None:
+        """READY: the next chunk in doRead when it may be read inline, else now off-thread."""
+        if self.file.inline:
+            self._register()
+        else:
+            self._step()
+
+    def _step(self) -> None:
+        try:
+            view = self.sink.next_view()
+        except Exception:
+            self.end(Failure())
             return
-        view = self.sink.next_view()
         if view is None:
-            self._finish(None)
+            self.end(None)
             return
         offset = self.start_offset + self.sink.filled
-        if inline:
+        if self.file.inline:
             try:
                 n = self.engine.read_inline(self.file, view, offset)
             except BlockingIOError:
                 pass  # not cached (or not inline-readable): read it off the reactor thread
-            except OSError:
-                self._finish(Failure())
+            except Exception:
+                _release(view)
+                self.end(Failure())
                 return
             else:
                 self._got(view, n)
                 return
-        self.stopReading()
-        self._in_flight = True
-        self.engine.read(self.file, view, offset).addCallbacks(
-            self._got_async, self._failed_async, callbackArgs=(view,)
-        )
+        self._unregister()
+        self.state = _S.IN_FLIGHT
+        try:
+            op = self.engine.read(self.file, view, offset)
+        except Exception:
+            op = Op.failed()
+        self._op = op
+        op.deferred.addCallbacks(self._read_done, self._read_failed, callbackArgs=(view,), errbackArgs=(view,))
 
     def _got(self, view: memoryview, n: int) -> None:
         self.chunks += 1
         if n == 0:
-            self._finish(None)
+            _release(view)
+            self.end(None)
             return
         try:
             self.sink.wrote(view, n)
         except Exception:
-            self._finish(Failure())
+            self.end(Failure())
+        finally:
+            _release(view)
 
-    def _got_async(self, n: int, view: memoryview) -> None:
-        self._in_flight = False
-        if self._finished:
-            self._close()  # cancelled or aborted while the read ran
+    def _read_done(self, n: int, view: memoryview) -> None:
+        self._op = None
+        state = self.state
+        if state is _S.ENDING:
+            _release(view)
+            self._done()
             return
+        self.state = _S.PAUSED if state is _S.PAUSED_IN_FLIGHT else _S.READY
         self._got(view, n)
-        self._continue()
+        # After a read off the thread the next chunk is often at hand
+        # (readahead): try it inline at once, else off-thread again.
+        if self.state is _S.READY and self.file.inline:
+            self._step()
+        if self.state is _S.READY:
+            self._continue()
 
-    def _failed_async(self, failure: Failure) -> None:
-        self._in_flight = False
-        self._finish(failure)
-
-    def _continue(self) -> None:
-        if self._finished or self._paused or self._in_flight:
+    def _read_failed(self, failure: Failure, view: memoryview) -> None:
+        self._op = None
+        _release(view)
+        if self.state is _S.ENDING:
+            self._done()
             return
-        if self.file.inline:
-            self.startReading()
-        else:
-            self._step(inline=False)
+        self.state = _S.READY
+        self.end(failure)
 
     # -- IPushProducer --------------------------------------------------
     def pauseProducing(self) -> None:
-        self._paused = True
-        self.stopReading()
+        if self.state in (_S.READY, _S.IDLE):
+            self._unregister()
+            self.state = _S.PAUSED
+        elif self.state is _S.IN_FLIGHT:
+            self.state = _S.PAUSED_IN_FLIGHT
 
     def resumeProducing(self) -> None:
-        if not self._paused:
-            return
-        self._paused = False
-        self._continue()
+        if self.state is _S.PAUSED:
+            self.state = _S.READY
+            self._continue()
+        elif self.state is _S.PAUSED_IN_FLIGHT:
+            self.state = _S.IN_FLIGHT
 
     def stopProducing(self) -> None:
-        self._finish(Failure(ConsumerStopped(self.sink.filled)))
+        self.end(Failure(ConsumerStopped(self.sink.filled)))
 
     # -- ending ---------------------------------------------------------
     def _cancel(self, d: defer.Deferred[Any]) -> None:
-        self._finish(Failure(defer.CancelledError()))
+        self.end(Failure(defer.CancelledError()))
 
-    def _finish(self, outcome: Failure | None) -> None:
-        if self._finished:
+    def end(self, outcome: Failure | None) -> None:
+        """Stop reading with ``outcome`` (None: the sink's result).  The first
+        outcome wins; a read in flight is cancelled and waited for."""
+        state = self.state
+        if state in (_S.ENDING, _S.DONE):
             return
-        self._finished = True
-        if self._reading:
-            self.stopReading()
+        self._unregister()
         self.disconnected = 1
         self.connected = 0
         if outcome is None:
@@ -270,37 +339,32 @@ class FileReader(abstract.FileDescriptor):
                 outcome = self.sink.result()
             except Exception:
                 outcome = Failure()
+        else:
+            self.sink.discard()
         self._outcome = outcome
-        if isinstance(outcome, Failure) and outcome.check(defer.CancelledError):
-            self._fire()  # cancel() fires at once; the descriptor follows
-        if not self._in_flight:
-            self._close()
+        if state in (_S.IN_FLIGHT, _S.PAUSED_IN_FLIGHT):
+            self.state = _S.ENDING
+            op = self._op
+            if op is not None:
+                op.cancel()
+            return
+        self._done()
 
-    def _fire(self) -> None:
+    def _done(self) -> None:
+        self.state = _S.DONE
+        if self._owner is not None:
+            owner, self._owner = self._owner, None
+            owner(self._outcome)
+        else:
+            self.fire()
+
+    def fire(self) -> None:
+        """Fire ``deferred`` with the outcome (the owner calls this once the
+        descriptor is closed); a no-op if it was cancelled."""
         if not self.deferred.called:
             outcome = self._outcome
             if isinstance(outcome, Failure):
                 self.deferred.errback(outcome)
             else:
                 self.deferred.callback(outcome)
-
-    def _close(self) -> None:
-        if not self._fd_open:
-            return
-        self._fd_open = False
-        try:
-            pending = self.engine.close(self.file)
-        except OSError:
-            pending = None
-        if pending is not None:
-            pending.addErrback(lambda _: None).addBoth(lambda _: self._closed())
-        else:
-            self._closed()
-
-    def _closed(self) -> None:
-        # Results fire only once the descriptor is closed: when load() has
-        # fired, nothing of it is left open.
-        if self._on_closed is not None:
-            on_closed, self._on_closed = self._on_closed, None
-            on_closed()
-        self._fire()
+        self._outcome = None

@@ -11,7 +11,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class StallProbe:
-    """A 1 ms LoopingCall: ``worst`` is how late the reactor ran it, at most."""
+    """A 1 ms LoopingCall: ``worst`` is how late the reactor ran it, at most.
+
+    It also keeps the time series: ``times[i]`` (seconds since the probe
+    started) and ``lateness[i]`` (seconds) for every tick after the first,
+    plus one last sample at exit.
+    """
 
     def __init__(self, reactor: Any, interval: float = 0.001) -> None:
         from twisted.internet import task
@@ -19,17 +24,27 @@ class StallProbe:
         self.reactor = reactor
         self.interval = interval
         self.worst = 0.0
+        self.times: list[float] = []
+        self.lateness: list[float] = []
+        self._started = 0.0
         self._last: float | None = None
         self._loop = task.LoopingCall(self._tick)
         self._loop.clock = reactor
 
+    def _record(self, now: float) -> None:
+        late = now - self._last - self.interval
+        self.worst = max(self.worst, late)
+        self.times.append(now - self._started)
+        self.lateness.append(late)
+
     def _tick(self) -> None:
         now = time.perf_counter()
         if self._last is not None:
-            self.worst = max(self.worst, now - self._last - self.interval)
+            self._record(now)
         self._last = now
 
     def __enter__(self) -> "StallProbe":
+        self._started = time.perf_counter()
         self._loop.start(self.interval)
         return self
 
@@ -37,7 +52,7 @@ class StallProbe:
         self._loop.stop()
         # A blocking run never let the probe tick: count its whole length.
         if self._last is not None:
-            self.worst = max(self.worst, time.perf_counter() - self._last - self.interval)
+            self._record(time.perf_counter())
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

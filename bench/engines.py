@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from twisted.internet import defer, reactor, task  # noqa: E402
 
 from asyncfile import FileLoader  # noqa: E402
-from asyncfile.engines import IOPool, UringEngine  # noqa: E402
+from asyncfile.engines import IOPool, make_engine  # noqa: E402
 from asyncfile.engines.uring import uring_unavailable_reason  # noqa: E402
 from asyncfile.mounts import shared_mount_table  # noqa: E402
 from asyncfile.testing import pagecache  # noqa: E402
@@ -172,7 +172,7 @@ def variants(names: list[str], width: int) -> list[Variant]:
 
     def ring_only() -> FileLoader:
         return FileLoader(reactor, max_open=width, max_waiting=100_000,
-                          engine=UringEngine(reactor, IOPool(reactor), inline=False))
+                          engine=make_engine("io_uring", reactor, IOPool(reactor), inline=False))
 
     table = {
         "nowait": named("nowait"),

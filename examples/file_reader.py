@@ -1,15 +1,16 @@
 """Read images with a FileReader on ``reactor.addReader``; decode them in threads, at most 2 at once.
 
 What it shows
-    * Part 1, by hand: ``engine.open(path)`` gives an ``OpenedFile`` (or a
-      Deferred of one, on a mount where opening is slow: ``maybeDeferred``
-      covers both); ``FileReader(opened, engine, BufferSink(...), 0, reactor,
-      on_closed)`` wraps it; ``start()`` registers it with the reactor
-      (``startReading`` = ``reactor.addReader``) and returns its Deferred,
-      which fires with the file's bytes once the descriptor is closed.  Every
-      chunk arrives in one ``doRead`` call (``start(inline_steps=0)``; the
-      default reads up to two chunks at once in ``start()``, so a small
-      cached file never waits for the reactor at all).
+    * Part 1, by hand: ``engine.open(path)`` gives an ``OpenedFile`` (or an
+      ``Op`` whose Deferred gives one, on a mount where opening is slow);
+      ``FileReader(opened, engine, BufferSink(...), 0, reactor)`` wraps it;
+      ``start()`` registers it with the reactor (``startReading`` =
+      ``reactor.addReader``) and returns its Deferred, which fires with the
+      file's bytes.  The reader never closes the descriptor: whoever opened
+      it does (``engine.close``), once the reader is done.  Every chunk
+      arrives in one ``doRead`` call (``start(inline_steps=0)``; the default
+      reads up to two chunks at once in ``start()``, so a small cached file
+      never waits for the reactor at all).
     * Part 2, the one-liner: ``FileLoader.load(path)``, which does all of the
       above (and, for a small cached file, reads it in the calling turn with
       no reader at all), with bounded open files and waiters.
@@ -105,7 +106,7 @@ from twisted.python import threadable
 from twisted.python.threadpool import ThreadPool
 
 from asyncfile import FileLoader, FileReader, Limiter
-from asyncfile.engines import IOPool, make_engine
+from asyncfile.engines import IOPool, Op, make_engine
 from asyncfile.reader import BufferSink
 
 SAMPLES = Path(__file__).resolve().parent.parent / "imgserver" / "samples"
@@ -284,17 +285,24 @@ class Tally:
 async def read_by_hand(reactor, engine, path: Path, chunk_size: int, tally: Tally,
                        decoder: Decoder) -> str:
     """engine.open -> FileReader(...).start() on addReader -> decode."""
-    opened = await defer.maybeDeferred(engine.open, str(path))  # OpenedFile, maybe later
+    got = engine.open(str(path))  # an OpenedFile, or an Op running off the reactor thread
+    opened = await got.deferred if isinstance(got, Op) else got
     tally.open_fds += 1
 
-    def closed() -> None:
+    async def close() -> None:  # the descriptor is ours: the reader never closes it
+        closing = engine.close(opened)
+        if closing is not None:
+            await closing.deferred
         tally.open_fds -= 1
 
     sink = BufferSink(opened.size, None, chunk_size)  # one buffer of the fstat size
-    reader = CountingReader(opened, engine, sink, 0, reactor, on_closed=closed)
-    # inline_steps=0: every chunk, even the first, waits for a doRead.  The
-    # decode is a callback on the reader's Deferred.
-    decoded = await reader.start(inline_steps=0).addCallback(decoder.decode)
+    reader = CountingReader(opened, engine, sink, 0, reactor)
+    # inline_steps=0: every chunk, even the first, waits for a doRead.
+    try:
+        data = await reader.start(inline_steps=0)
+    finally:
+        await close()
+    decoded = await decoder.decode(data)
 
     size = path.stat().st_size
     if decoded.nbytes != size:
@@ -433,8 +441,8 @@ async def main(reactor, args: argparse.Namespace) -> None:
     finally:
         probe.stop()
         seconds = time.perf_counter() - started
-        loader.close()
-        engine.stop()
+        await loader.close()
+        await engine.stop()
         decoder.stop()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

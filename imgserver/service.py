@@ -34,7 +34,7 @@ from twisted.python.threadpool import ThreadPool
 
 from asyncfile import FileLoader, IFileLoader, Limiter
 from asyncfile import Overloaded as QueueFull
-from asyncfile.engines.base import IOPool
+from asyncfile.pool import IOPool
 
 from . import paths, processing
 from .cache import ResultCache

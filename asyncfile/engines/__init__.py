@@ -1,31 +1,53 @@
-"""Engines: how chunks are read without blocking the reactor thread."""
+"""Engines: how files are opened, read and closed without blocking the reactor.
+
+Each engine is an ``Engine`` composed of a backend for blocking calls and,
+on Linux, the inline path for what cannot block:
+
+============  ==========================  ===============================
+name          inline (reactor thread)     backend (everything else)
+============  ==========================  ===============================
+``io_uring``  local opens, page cache     io_uring ring behind an eventfd
+``nowait``    local opens, page cache     the I/O thread pool
+``threads``   nothing                     the I/O thread pool
+============  ==========================  ===============================
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from .base import IFileEngine, IOPool, OpenedFile
-from .nowait import NowaitEngine, nowait_supported
-from .threads import ThreadsEngine
-from .uring import UringEngine, uring_unavailable_reason
+from ..pool import IOPool
+from .base import ENGINE_STATS, Engine, IBackend, IFileEngine, Op, OpenedFile, Root
+from .inline import InlineIO, nowait_supported
+from .threads import PoolBackend
 
-__all__ = ["IFileEngine", "IOPool", "OpenedFile", "NowaitEngine", "ThreadsEngine", "UringEngine",
-           "make_engine", "ENGINES"]
+__all__ = ["IFileEngine", "IBackend", "Engine", "IOPool", "Op", "OpenedFile", "Root", "InlineIO",
+           "PoolBackend", "make_engine", "ENGINES", "ENGINE_STATS", "nowait_supported",
+           "uring_unavailable_reason"]
 
 ENGINES = ("auto", "io_uring", "nowait", "threads")
 
 
-def make_engine(name: str, reactor: Any, pool: IOPool) -> IFileEngine:
+def uring_unavailable_reason() -> str | None:
+    """None when the io_uring engine can run here, else why not."""
+    if not hasattr(os, "eventfd"):
+        return "os.eventfd is missing (not Linux)"
+    try:
+        from .uring import uring_unavailable_reason as reason
+    except (ImportError, OSError) as e:  # no ctypes libc, not Linux
+        return f"io_uring binding unavailable: {e}"
+    return reason()
+
+
+def make_engine(name: str, reactor: Any, pool: IOPool, *, inline: bool = True, **ring_options: Any) -> Engine:
     """Build the named engine; ``auto`` picks the best one this system supports.
 
     ``auto`` is ``io_uring`` wherever the kernel allows it (``_uring.probe()``
     says why not: old kernel, ``kernel.io_uring_disabled``, a seccomp policy
     such as Docker's default), else ``nowait`` on Linux, else ``threads``.
-    Measured with bench/engines.py: cached files take the same inline path as
-    ``nowait`` (within a few percent of it), while slow storage and cold
-    page-cache reads go through the ring with no thread hop and no thread
-    cap (1.5x nowait on FUSE with libfuse's defaults, 6x with a larger
-    ``max_background``).
+    ``inline=False`` (io_uring only) sends every open, read and close through
+    the ring, for comparisons.
     """
     if name == "auto":
         if uring_unavailable_reason() is None:
@@ -36,11 +58,23 @@ def make_engine(name: str, reactor: Any, pool: IOPool) -> IFileEngine:
         reason = uring_unavailable_reason()
         if reason is not None:
             raise ValueError(f"engine 'io_uring' is unusable here: {reason}")
-        return UringEngine(reactor, pool)
+        from .uring import RingBackend
+
+        path = InlineIO()
+        backend = RingBackend(reactor, pool, path.is_slow_mount, slow_dev=_slow_dev(path), **ring_options)
+        return Engine("io_uring", backend, path if inline and nowait_supported() else None)
     if name == "nowait":
         if not nowait_supported():
             raise ValueError("engine 'nowait' needs Linux preadv with RWF_NOWAIT")
-        return NowaitEngine(reactor, pool)
+        return Engine("nowait", PoolBackend(pool), InlineIO())
     if name == "threads":
-        return ThreadsEngine(reactor, pool)
+        return Engine("threads", PoolBackend(pool))
     raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
+
+
+def _slow_dev(path: InlineIO) -> Any:
+    def slow(dev: int) -> bool:
+        m = path.mounts.for_dev(dev)
+        return m is None or m.slow_open or m.mount_point in path._slow_points
+
+    return slow

@@ -41,6 +41,7 @@ __all__ = [
     "IORING_ASYNC_CANCEL_ALL",
     "IORING_ASYNC_CANCEL_ANY",
     "IOSQE_ASYNC",
+    "IORING_OP_OPENAT2",
     "Ring",
     "RingClosed",
     "StatxResult",
@@ -66,6 +67,7 @@ IORING_OP_OPENAT = 18
 IORING_OP_CLOSE = 19
 IORING_OP_STATX = 21
 IORING_OP_READ = 22
+IORING_OP_OPENAT2 = 28
 _REQUIRED_OPS = {
     "NOP": IORING_OP_NOP,
     "ASYNC_CANCEL": IORING_OP_ASYNC_CANCEL,
@@ -73,6 +75,11 @@ _REQUIRED_OPS = {
     "CLOSE": IORING_OP_CLOSE,
     "STATX": IORING_OP_STATX,
     "READ": IORING_OP_READ,
+}
+# Opcodes a prep_* method uses but probe() does not require: check
+# ``op in ring.supported_ops()`` before relying on one.
+_OPTIONAL_OPS = {
+    "OPENAT2": IORING_OP_OPENAT2,
 }
 
 IOSQE_ASYNC = 1 << 4  # issue in an io-wq worker, never inline in io_uring_enter
@@ -269,6 +276,20 @@ def _parse_statx(buf: Any) -> StatxResult:
         c_s * 1_000_000_000 + c_ns, m_s * 1_000_000_000 + m_ns,
         rdev_major, rdev_minor, dev_major, dev_minor, mnt_id,
     )
+
+
+class _OpenHow(ctypes.Structure):
+    """struct open_how (include/uapi/linux/openat2.h) for IORING_OP_OPENAT2;
+    its ``path`` attribute keeps the path alive too, like ``_StatxBuf``."""
+
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
+
+
+assert ctypes.sizeof(_OpenHow) == 24
 
 
 class _StatxBuf(ctypes.Array):
@@ -648,6 +669,26 @@ class Ring:
         cp, addr = _c_path(path)
         self._put(IORING_OP_OPENAT, dirfd, 0, addr, mode,
                   (flags | _O_CLOEXEC) & _U32, user_data, cp,
+                  IOSQE_ASYNC if force_async else 0)
+
+    def prep_openat2(self, dirfd: int, path: PathArg, flags: int, mode: int,
+                     resolve: int, user_data: int, *,
+                     force_async: bool = False) -> None:
+        """openat2(dirfd, path, {flags | O_CLOEXEC, mode, resolve}); the
+        result is the new fd or -errno (e.g. -EXDEV for an escape under
+        RESOLVE_BENEATH).
+
+        Linux 5.6+: check ``IORING_OP_OPENAT2 in supported_ops()``. The kernel
+        is strict: unknown flags, or a ``mode`` without O_CREAT/O_TMPFILE, give
+        -EINVAL. ``struct open_how`` and the path stay referenced until the
+        completion is reaped; ``force_async`` as in ``prep_openat``.
+        """
+        cp, addr = _c_path(path)
+        how = _OpenHow((flags | _O_CLOEXEC) & _U64, mode & _U64,
+                       resolve & _U64)
+        how.path = cp
+        self._put(IORING_OP_OPENAT2, dirfd, _addressof(how), addr,
+                  ctypes.sizeof(_OpenHow), 0, user_data, how,
                   IOSQE_ASYNC if force_async else 0)
 
     def prep_statx(self, path_or_fd: PathArg | int, user_data: int, *,

@@ -1,39 +1,97 @@
-"""The engine contract, and what every engine shares: opening and the I/O pool."""
+"""The engine contract and the pieces every engine is composed of.
+
+An engine (``Engine``) is a name, a *backend* that performs blocking calls
+off the reactor thread (the I/O pool, or an io_uring ring), and optionally
+an *inline* part (``InlineIO``) that does what cannot block in the reactor
+thread itself: opens on local file systems and page-cache copies with
+``RWF_NOWAIT``.  ``nowait`` = inline + pool, ``io_uring`` = inline + ring,
+``threads`` = pool alone.
+"""
 
 from __future__ import annotations
 
 import errno
 import os
-import queue
 import stat
-import threading
-import time
 from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
-from zope.interface import Attribute, Interface
+from zope.interface import Attribute, Interface, implementer
 
 from ..errors import NotRegularFile
 
-__all__ = ["IFileEngine", "OpenedFile", "IOPool", "open_regular", "OPEN_FLAGS"]
+__all__ = ["IFileEngine", "IBackend", "Engine", "OpenedFile", "Op", "Root", "open_regular",
+           "check_regular", "OPEN_FLAGS", "pread_into"]
 
 # O_NONBLOCK: opening a FIFO must not wait for a writer (it is then refused).
 OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
 
 
 class OpenedFile:
-    """An open regular file: its descriptor, the size ``fstat`` saw, and how to read it."""
+    """An open regular file: its descriptor, what ``fstat`` said, and how to read it."""
 
-    __slots__ = ("fd", "size", "dev", "path", "inline", "nowait")
+    __slots__ = ("fd", "size", "dev", "ino", "mtime_ns", "path", "inline", "nowait", "via")
 
-    def __init__(self, fd: int, size: int, dev: int, path: str) -> None:
+    def __init__(self, fd: int, size: int, dev: int, path: str, ino: int = 0, mtime_ns: int = 0) -> None:
         self.fd = fd
         self.size = size
         self.dev = dev
+        self.ino = ino
+        self.mtime_ns = mtime_ns
         self.path = path
         self.inline = False  # may be read in the reactor thread without blocking
         self.nowait = False  # needs RWF_NOWAIT for that (page cache) vs memory-backed
+        self.via = "inline"  # who opened it, and so who closes it: "inline", "pool", "ring"
+
+
+class Root:
+    """A directory that confined opens resolve beneath (``FileLoader.open_root``).
+
+    Holds one ``O_PATH`` descriptor (outside ``max_open``) until ``close()``.
+    ``method`` says how confinement is enforced: ``openat2`` (the kernel's
+    ``RESOLVE_BENEATH``) or ``walk`` (a per-component ``O_NOFOLLOW`` walk that
+    refuses every symlink).
+    """
+
+    __slots__ = ("path", "fd", "no_symlinks", "method", "dev")
+
+    def __init__(self, path: str, fd: int, no_symlinks: bool, method: str, dev: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.no_symlinks = no_symlinks
+        self.method = method
+        self.dev = dev
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def close(self) -> None:
+        """Close the directory descriptor (an ``O_PATH`` close never blocks)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def join(self, path: str) -> str:
+        """Where ``path`` would be, for mount policy and messages (never for opening)."""
+        return self.path.rstrip("/") + "/" + path
+
+    def __repr__(self) -> str:
+        return f"<Root {self.path!r} {self.method}{' closed' if self.closed else ''}>"
+
+
+def open_root(path: str, no_symlinks: bool = False) -> Root:
+    """Blocking: open ``path`` as a ``Root``."""
+    from .. import confine
+
+    fd = confine.open_root(path)
+    try:
+        dev = os.fstat(fd).st_dev
+    except BaseException:
+        os.close(fd)
+        raise
+    return Root(os.path.abspath(path), fd, no_symlinks, confine.confinement_method(), dev)
 
 
 def _kind(mode: int) -> str:
@@ -55,13 +113,26 @@ def check_regular(mode: int, path: str) -> None:
     raise NotRegularFile(_kind(mode), path)
 
 
-def open_regular(path: str) -> OpenedFile:
+def _open_fd(path: str, root: Root | None) -> int:
+    if root is None:
+        return os.open(path, OPEN_FLAGS)
+    from .. import confine
+
+    if root.fd < 0:
+        raise ValueError(f"{root!r} is closed")
+    return confine.open_beneath(root.fd, path, OPEN_FLAGS, no_symlinks=root.no_symlinks,
+                                method=root.method)
+
+
+def open_regular(path: str, root: Root | None = None) -> OpenedFile:
     """Blocking ``open`` + ``fstat``; the descriptor is closed again on any error."""
     try:
-        fd = os.open(path, OPEN_FLAGS)
+        fd = _open_fd(path, root)
     except OSError as e:
         if e.errno == errno.ENXIO:  # a socket, or a device with no driver
-            check_regular(os.stat(path).st_mode, path)
+            if root is None:
+                check_regular(os.stat(path).st_mode, path)
+            raise NotRegularFile("socket or device", path) from None
         raise
     try:
         st = os.fstat(fd)
@@ -69,154 +140,78 @@ def open_regular(path: str) -> OpenedFile:
     except BaseException:
         os.close(fd)
         raise
-    return OpenedFile(fd, st.st_size, st.st_dev, path)
+    return OpenedFile(fd, st.st_size, st.st_dev, path, st.st_ino, st.st_mtime_ns)
 
 
-class _Workers:
-    """Threads pulling jobs from one queue, started by each other.
+if hasattr(os, "preadv"):
+    def pread_into(fd: int, view: memoryview, offset: int) -> int:
+        """Blocking positional read into ``view``."""
+        return os.preadv(fd, [view], offset)
+else:  # macOS before 11, Windows: os.pread and one copy
+    def pread_into(fd: int, view: memoryview, offset: int) -> int:
+        """Blocking positional read into ``view`` (no ``preadv`` here: one copy)."""
+        data = os.pread(fd, len(view), offset)
+        view[:len(data)] = data
+        return len(data)
 
-    ``threading.Thread.start()`` waits until the new thread runs, which under
-    GIL contention takes up to a switch interval (5 ms): starting 16 threads
-    from the reactor thread stalled it 13 ms here.  So the reactor thread
-    starts only the first worker; a worker that takes a job while more wait
-    and no one is idle starts the next one.
+
+class Op:
+    """An engine operation running off the reactor thread.
+
+    ``deferred`` fires exactly once, in the reactor thread, with the
+    outcome.  ``cancel()`` asks the operation to stop: one that has not
+    started is dropped (``deferred`` fails with ``CancelledError`` and nothing
+    happened); one in the kernel is cancelled if the kernel can; one already
+    running in a thread runs to its end and ``deferred`` gets its real
+    outcome.  Never call ``deferred.cancel()``: Twisted would fire it before
+    the operation ends, and whoever owns the descriptor could not know when
+    it is free.
     """
 
-    _STOP = object()
+    __slots__ = ("deferred", "_canceller")
 
-    def __init__(self, max_threads: int, name: str) -> None:
-        self.max_threads = max_threads
-        self.name = name
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self.idle = 0
-        self.busy = 0
-        self._stopping = False
+    def __init__(self, canceller: Callable[[], None] | None = None) -> None:
+        self.deferred: defer.Deferred[Any] = defer.Deferred()
+        self._canceller = canceller
 
-    def submit(self, job: Callable[[], None]) -> None:
-        self._queue.put(job)
-        with self._lock:
-            first = not self._threads and not self._stopping
-            if first:
-                thread = self._new_thread()
-        if first:
-            thread.start()
+    def cancel(self) -> None:
+        canceller, self._canceller = self._canceller, None
+        if canceller is not None and not self.deferred.called:
+            canceller()
 
-    def _new_thread(self) -> threading.Thread:
-        thread = threading.Thread(target=self._run, name=f"{self.name}-{len(self._threads)}", daemon=True)
-        self._threads.append(thread)
-        return thread
+    @classmethod
+    def failed(cls, failure: Failure | BaseException | None = None) -> "Op":
+        op = cls()
+        op.deferred.errback(failure if failure is not None else Failure())
+        return op
 
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                self.idle += 1
-            job = self._queue.get()
-            spawn = None
-            with self._lock:
-                self.idle -= 1
-                if job is self._STOP:
-                    return
-                self.busy += 1
-                if (not self._stopping and self.idle == 0 and not self._queue.empty()
-                        and len(self._threads) < self.max_threads):
-                    spawn = self._new_thread()
-            if spawn is not None:
-                spawn.start()
-            try:
-                job()
-            finally:
-                with self._lock:
-                    self.busy -= 1
-
-    def pending(self) -> int:
-        return self._queue.qsize()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Let queued jobs finish, end the threads (waiting at most ``timeout``:
-        a read stuck on a dead network mount must not hang shutdown)."""
-        with self._lock:
-            self._stopping = True
-            threads = list(self._threads)
-        for _ in threads:
-            self._queue.put(self._STOP)
-        deadline = time.monotonic() + timeout
-        for thread in threads:
-            if thread is not threading.current_thread():
-                thread.join(max(0.0, deadline - time.monotonic()))
+    @classmethod
+    def done(cls, value: Any) -> "Op":
+        op = cls()
+        op.deferred.callback(value)
+        return op
 
 
-class IOPool:
-    """A dedicated, bounded pool of threads for blocking file calls.
+class IBackend(Interface):
+    """Blocking file calls, performed off the reactor thread."""
 
-    Not the reactor's default pool: that one also serves DNS lookups, and a
-    burst of slow reads must not starve them.  Threads start on first use and
-    end at reactor shutdown.
-    """
+    name = Attribute("'pool' or 'ring'")
 
-    def __init__(self, reactor: Any, max_threads: int = 16, name: str = "asyncfile-io") -> None:
-        if max_threads < 1:
-            raise ValueError("max_threads must be at least 1")
-        self.reactor = reactor
-        self.max_threads = max_threads
-        self._name = name
-        self._workers: _Workers | None = None
-        self._trigger: Any = None
-        self.calls = 0
+    def open(path: str, root: "Root | None", slow: bool) -> Op:
+        """Open and ``fstat`` a regular file; ``Op`` of an ``OpenedFile``.  A
+        cancelled open that did open something closes it."""
 
-    def _ensure(self) -> _Workers:
-        if self._workers is None:
-            self._workers = _Workers(self.max_threads, self._name)
-            self._trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
-        return self._workers
+    def read(f: OpenedFile, view: memoryview, offset: int) -> Op:
+        """Read into ``view``; ``Op`` of the byte count."""
 
-    def run(self, f: Callable[..., Any], *args: Any, on_orphan: Callable[[Any], None] | None = None) -> defer.Deferred[Any]:
-        """``f(*args)`` in the pool.  Cancelling cannot stop a running system call,
-        so a result that arrives after cancellation goes to ``on_orphan``
-        (which closes a descriptor, say) instead of being lost."""
-        workers = self._ensure()
-        self.calls += 1
-        cancelled = []
-        result: defer.Deferred[Any] = defer.Deferred(lambda d: cancelled.append(True))
+    def close(f: OpenedFile) -> Op:
+        """Close the descriptor; ``Op`` of None."""
 
-        def deliver(ok: bool, value: Any) -> None:
-            if cancelled:
-                if ok and on_orphan is not None:
-                    on_orphan(value)
-                return
-            if ok:
-                result.callback(value)
-            else:
-                result.errback(value)
+    def stats() -> dict:
+        """Counters."""
 
-        def work() -> None:
-            try:
-                value = f(*args)
-                ok = True
-            except BaseException:
-                value, ok = Failure(), False
-            self.reactor.callFromThread(deliver, ok, value)
-
-        workers.submit(work)
-        return result
-
-    def stats(self) -> dict[str, int]:
-        workers = self._workers
-        return {
-            "io_threads": self.max_threads,
-            "io_threads_busy": workers.busy if workers is not None else 0,
-            "io_queue": workers.pending() if workers is not None else 0,
-        }
-
-    def stop(self) -> None:
-        if self._workers is not None:
-            workers, self._workers = self._workers, None
-            try:
-                self.reactor.removeSystemEventTrigger(self._trigger)
-            except (ValueError, KeyError, TypeError):
-                pass
-            workers.stop()
+    def stop() -> "defer.Deferred[None]":
+        """Release threads / kernel resources, without blocking the reactor."""
 
 
 class IFileEngine(Interface):
@@ -224,27 +219,92 @@ class IFileEngine(Interface):
 
     name = Attribute("The engine's name, as in FileLoader(engine=...) and stats()")
 
-    def open(path: str) -> "defer.Deferred[OpenedFile] | OpenedFile":
-        """Open a regular file for reading.
-
-        Where opening cannot block (a local file system) the engine may open
-        inline and return the ``OpenedFile`` itself, or raise its ``OSError``;
-        otherwise a Deferred.  ``OpenedFile.inline`` says whether
-        ``read_inline`` may be used for it."""
+    def open(path: str, root: "Root | None" = None) -> "OpenedFile | Op":
+        """Open a regular file: the ``OpenedFile`` where it could be done inline
+        (or the ``OSError``, raised), else an ``Op`` running off the reactor."""
 
     def read_inline(f: OpenedFile, view: memoryview, offset: int) -> int:
-        """Read into ``view`` at ``offset`` in the reactor thread, without
-        blocking: raise ``BlockingIOError`` when the data is not at hand."""
+        """Read in the reactor thread without blocking; ``BlockingIOError``
+        when the data is not at hand (or this file is never read inline)."""
 
-    def read(f: OpenedFile, view: memoryview, offset: int) -> "defer.Deferred[int]":
-        """Read into ``view`` at ``offset`` off the reactor thread.  The view
-        stays referenced until the read has finished, even if cancelled."""
+    def read(f: OpenedFile, view: memoryview, offset: int) -> Op:
+        """Read off the reactor thread; the view stays referenced until the
+        operation has ended, even if cancelled."""
 
-    def close(f: OpenedFile) -> None:
-        """Close the file's descriptor (never while a read on it runs)."""
+    def close(f: OpenedFile) -> "Op | None":
+        """Close the descriptor (never while an operation on it runs): None
+        when done inline, else an ``Op``."""
 
     def stats() -> dict:
-        """Engine counters for FileLoader.stats()."""
+        """Counters, one schema for every engine (``ENGINE_STATS``)."""
 
-    def stop() -> None:
-        """Release threads and kernel resources."""
+    def stop() -> "defer.Deferred[None]":
+        """Release threads and kernel resources; never blocks the reactor."""
+
+
+# The keys every engine's stats() has, whatever it is made of.
+ENGINE_STATS = ("inline_reads", "pool_reads", "ring_reads", "inline_opens", "pool_opens",
+                "ring_opens", "ring_closes", "nowait_fallbacks", "io_threads", "io_threads_busy", "io_queue",
+                "ring_submits", "ring_ops", "ring_in_flight", "ring_peak_in_flight", "ring_queued",
+                "ring_waited", "ring_dropped")
+
+
+@implementer(IFileEngine)
+class Engine:
+    """A named composition of a backend and, optionally, the inline path.
+
+    Opens happen inline where ``inline`` says the mount opens fast; reads are
+    tried inline first where the file allows it; everything else goes to the
+    backend.  Closes follow the open: a file opened by the backend is closed
+    by it (``close()`` may flush to a server on FUSE/NFS).
+    """
+
+    def __init__(self, name: str, backend: Any, inline: Any = None) -> None:
+        self.name = name
+        self.backend = backend
+        self.inline = inline
+
+    # The state machine asks this: can a load's open run in this reactor turn?
+    def opens_inline(self, path: str, root: Root | None = None) -> bool:
+        return self.inline is not None and not self.inline.opens_slowly(path, root)
+
+    def open(self, path: str, root: Root | None = None) -> OpenedFile | Op:
+        inline = self.inline
+        if inline is not None and not inline.opens_slowly(path, root):
+            return inline.open(path, root)
+        op = self.backend.open(path, root, True)
+        if inline is not None:
+            op.deferred.addCallback(inline.classify)
+        return op
+
+    def read_inline(self, f: OpenedFile, view: memoryview, offset: int) -> int:
+        if not f.inline:
+            raise BlockingIOError(errno.EAGAIN, "not readable inline")
+        return self.inline.read(f, view, offset)
+
+    def read(self, f: OpenedFile, view: memoryview, offset: int) -> Op:
+        return self.backend.read(f, view, offset)
+
+    def close(self, f: OpenedFile) -> Op | None:
+        if f.via == "inline":
+            os.close(f.fd)
+            return None
+        return self.backend.close(f)
+
+    def stats(self) -> dict[str, Any]:
+        out = dict.fromkeys(ENGINE_STATS, 0)
+        if self.inline is not None:
+            out.update(self.inline.stats())
+        out.update(self.backend.stats())
+        return out
+
+    def stop(self) -> defer.Deferred[None]:
+        return self.backend.stop()
+
+    def owned_fds(self) -> set[int]:
+        """Descriptors the engine itself holds open (a ring and its eventfd)."""
+        owned = getattr(self.backend, "owned_fds", None)
+        return owned() if owned is not None else set()
+
+    def __repr__(self) -> str:
+        return f"<Engine {self.name}>"

@@ -1,63 +1,98 @@
-"""The portable engine: every blocking call in the I/O pool."""
+"""The pool backend: blocking file calls in asyncfile's own I/O threads."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import threading
+from typing import Any, Callable
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .base import IFileEngine, IOPool, OpenedFile, open_regular
+from .base import IBackend, Op, OpenedFile, Root, open_regular, pread_into
 
-__all__ = ["ThreadsEngine"]
+__all__ = ["PoolBackend"]
 
-
-def _close_quietly(f: OpenedFile) -> None:
-    os.close(f.fd)
+_QUEUED, _RUNNING, _WITHDRAWN = 0, 1, 2
 
 
-@implementer(IFileEngine)
-class ThreadsEngine:
-    """Opens, reads and closes in a bounded pool of threads.
+class _Withdrawn(Exception):
+    """A job withdrawn before it started (the pool reached it anyway)."""
+
+
+@implementer(IBackend)
+class PoolBackend:
+    """Opens, reads and closes in a bounded pool of threads (``IOPool``).
 
     Works on every platform and file system; each call costs a thread hop
-    (about 50 µs here), which is why ``nowait`` is preferred on Linux.
+    (about 50 µs here), which is why the inline path is preferred on Linux.
+    A job cancelled before a thread took it never runs; one that runs is
+    always waited for, so the owner of a descriptor knows when it is free.
     """
 
-    name = "threads"
+    name = "pool"
 
-    def __init__(self, reactor: Any, pool: IOPool) -> None:
-        self.reactor = reactor
+    def __init__(self, pool: Any) -> None:
         self.pool = pool
-        self.inline_reads = 0
         self.pool_reads = 0
-        self.inline_opens = 0
         self.pool_opens = 0
+        self.pool_closes = 0
 
-    def open(self, path: str) -> defer.Deferred[OpenedFile]:
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Op:
+        lock = threading.Lock()
+        state = [_QUEUED]
+
+        def job() -> Any:
+            with lock:
+                if state[0] == _WITHDRAWN:
+                    raise _Withdrawn()
+                state[0] = _RUNNING
+            return fn(*args)
+
+        def withdraw() -> None:
+            with lock:
+                if state[0] != _QUEUED:
+                    return  # running: its real outcome follows
+                state[0] = _WITHDRAWN
+            queued.cancel()  # the pool drops it (or the job sees _WITHDRAWN)
+            op.deferred.errback(Failure(defer.CancelledError()))
+
+        def deliver(outcome: Any) -> None:
+            if state[0] == _WITHDRAWN:
+                return
+            if isinstance(outcome, Failure):
+                op.deferred.errback(outcome)
+            else:
+                op.deferred.callback(outcome)
+
+        op = Op(withdraw)
+        queued = self.pool.run(job)
+        queued.addBoth(deliver)
+        return op
+
+    def open(self, path: str, root: Root | None, slow: bool) -> Op:
         self.pool_opens += 1
-        return self.pool.run(open_regular, path, on_orphan=_close_quietly)
+        op = self._run(_open_in_pool, path, root)
+        return op
 
-    def read_inline(self, f: OpenedFile, view: memoryview, offset: int) -> int:
-        raise BlockingIOError("the threads engine never reads in the reactor thread")
-
-    def read(self, f: OpenedFile, view: memoryview, offset: int) -> defer.Deferred[int]:
+    def read(self, f: OpenedFile, view: memoryview, offset: int) -> Op:
         self.pool_reads += 1
-        return self.pool.run(os.preadv, f.fd, [view], offset)
+        return self._run(pread_into, f.fd, view, offset)
 
-    def close(self, f: OpenedFile) -> defer.Deferred[None] | None:
+    def close(self, f: OpenedFile) -> Op:
         # close() can wait for the server on network file systems (NFS, FUSE flush).
-        return self.pool.run(os.close, f.fd)
+        self.pool_closes += 1
+        return self._run(os.close, f.fd)
 
     def stats(self) -> dict[str, Any]:
-        return {
-            "inline_reads": self.inline_reads,
-            "pool_reads": self.pool_reads,
-            "inline_opens": self.inline_opens,
-            "pool_opens": self.pool_opens,
-            **self.pool.stats(),
-        }
+        return {"pool_reads": self.pool_reads, "pool_opens": self.pool_opens, **self.pool.stats()}
 
-    def stop(self) -> None:
-        self.pool.stop()
+    def stop(self) -> defer.Deferred[None]:
+        return defer.maybeDeferred(self.pool.stop)
+
+
+def _open_in_pool(path: str, root: Root | None) -> OpenedFile:
+    f = open_regular(path, root)
+    f.via = "pool"
+    return f

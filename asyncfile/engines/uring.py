@@ -1,4 +1,4 @@
-"""Linux io_uring: opens, reads and closes run in the kernel; an eventfd says when.
+"""The ring backend: opens, reads and closes run in the kernel; an eventfd says when.
 
 Why: a thread pool pays a thread hop per call and caps concurrency at its
 size; io_uring lets the reactor thread hand the kernel a batch of
@@ -6,9 +6,9 @@ operations in one system call and learn of their completions through an
 eventfd, which (unlike a regular file) the reactor can really wait on.
 No thread of ours blocks and the reactor never polls.
 
-Cached files still take the ``nowait`` fast path (``preadv(RWF_NOWAIT)``
-and ``open()`` in the reactor thread on local file systems): a ring round
-trip costs a reactor turn and ~20 µs of Python per operation, an inline
+Cached files still take the inline path (``preadv(RWF_NOWAIT)`` and
+``open()`` in the reactor thread on local file systems): a ring round trip
+costs a reactor turn and ~20 µs of Python per operation, an inline
 page-cache copy ~2 µs.  Everything that could block goes through the ring:
 opens on slow mounts (FUSE, NFS), reads that miss the page cache or that
 the file system cannot do with RWF_NOWAIT, and closes of such files.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
-import time
+import weakref
 from collections import deque
 from typing import Any, Callable
 
@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..mounts import MountTable
+from ..errors import ForkedError
 from . import _uring
 from ._uring import (
     IORING_ASYNC_CANCEL_ALL,
@@ -39,15 +39,17 @@ from ._uring import (
     UringUnavailable,
     result_error,
 )
-from .base import OPEN_FLAGS, IFileEngine, IOPool, OpenedFile, check_regular
-from .nowait import RWF_NOWAIT, NowaitEngine, nowait_supported
+from .base import OPEN_FLAGS, IBackend, Op, OpenedFile, Root, check_regular
+from .threads import PoolBackend
 
-__all__ = ["UringEngine", "RingDriver", "uring_unavailable_reason"]
+__all__ = ["RingBackend", "RingDriver", "uring_unavailable_reason"]
 
 Handler = Callable[[Any], None]
 Prep = Callable[..., None]
 
 _CANCEL_ALL_UD = 0  # user_data of stop()'s cancel-everything op; start() never uses 0
+_FORKED = object()  # the "result" handlers get for ops lost at fork()
+_DRIVERS: "weakref.WeakSet[RingDriver]" = weakref.WeakSet()
 
 
 def uring_unavailable_reason() -> str | None:
@@ -60,16 +62,29 @@ def _ignore(res: Any) -> None:
 
 
 def _close_quietly(fd: int) -> None:
-    """close() without the ring (it is stopped).  Its error (ENOTCONN from a
-    dead FUSE daemon, say) is moot: the descriptor is released anyway."""
+    """close() without the ring.  Its error (ENOTCONN from a dead FUSE
+    daemon, say) is moot: the descriptor is released anyway."""
     try:
         os.close(fd)
     except OSError:
         pass
 
 
+def _after_fork_in_child() -> None:
+    for driver in list(_DRIVERS):
+        driver._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _prep_open(ring: Ring, path: str, force_async: bool, ud: int) -> None:
     ring.prep_openat(path, OPEN_FLAGS, 0, ud, force_async=force_async)
+
+
+def _prep_open_beneath(ring: Ring, dirfd: int, path: str, resolve: int, force_async: bool, ud: int) -> None:
+    ring.prep_openat2(dirfd, path, OPEN_FLAGS, 0, resolve, ud, force_async=force_async)
 
 
 def _prep_read_async(ring: Ring, fd: int, view: memoryview, offset: int, ud: int) -> None:
@@ -121,6 +136,10 @@ class RingDriver(abstract.FileDescriptor):
         self.waited = 0  # requests that had to wait for room
         self.dropped = 0  # cancelled while waiting: never reached the kernel
         self.peak_in_flight = 0
+        self._stop_d: defer.Deferred[None] | None = None
+        self._stop_timer: Any = None
+        self._lost_at_fork = False
+        _DRIVERS.add(self)
 
     # -- set-up ---------------------------------------------------------
     def _setup(self) -> Ring:
@@ -165,11 +184,14 @@ class RingDriver(abstract.FileDescriptor):
 
     def doRead(self) -> None:
         self._drain()
-        if self.ring is None or self._stopped:
+        ring = self.ring
+        if ring is None or ring.closed:
             return
         self._reap()
-        if self.ring.pending:
+        if ring.pending:
             self._flush()
+        if self._stopped:
+            self._teardown_when_idle()
 
     def connectionLost(self, reason: Failure) -> None:
         # The reactor disconnects every reader at shutdown.
@@ -201,6 +223,8 @@ class RingDriver(abstract.FileDescriptor):
     def start(self, prep: Prep, args: tuple[Any, ...], handler: Handler, urgent: bool = False) -> int:
         """Queue ``prep(ring, *args, user_data)`` (an unbound ``Ring.prep_*``)."""
         if self._stopped:
+            if self._lost_at_fork:
+                raise ForkedError("io_uring ring")
             raise RingClosed("the io_uring engine is stopped")
         ring = self.ring if self.ring is not None else self._setup()
         ud = self._next_ud
@@ -256,7 +280,7 @@ class RingDriver(abstract.FileDescriptor):
         if call is not None and call.active():
             call.cancel()
         ring = self.ring
-        if ring is None or self._stopped:
+        if ring is None or ring.closed:
             return
         accepted = 1
         if ring.pending:
@@ -299,6 +323,8 @@ class RingDriver(abstract.FileDescriptor):
                     handler(res)
                 except Exception:
                     self.log.failure("io_uring completion handler failed")
+            elif ud == _CANCEL_ALL_UD and res == -errno.EINVAL and self._stopped:
+                self._cancel_one_by_one()  # IORING_ASYNC_CANCEL_ANY is Linux 5.19+
 
     def _pump(self) -> None:
         """Move waiting requests into the ring, FIFO, as room allows."""
@@ -323,14 +349,29 @@ class RingDriver(abstract.FileDescriptor):
             self._flush_call = self.reactor.callLater(0, self._flush)
 
     # -- teardown -------------------------------------------------------
-    def stop(self, timeout: float = 2.0) -> None:
-        """Cancel everything, wait (at most ``timeout``) for the kernel to
-        let go of it, close the ring and the eventfd.  Handlers of ops still
-        in flight get -ECANCELED; the kernel's late writes go to buffers the
-        ring keeps referenced forever."""
-        if self._stopped:
-            return
-        self._stopped = True
+    def stop(self, timeout: float = 5.0) -> defer.Deferred[None]:
+        """Stop without blocking the reactor.
+
+        New operations are refused, waiting ones dropped, the kernel is asked
+        to cancel the rest, and the ring is closed once every operation has
+        completed: handlers run as usual, so an open's descriptor is closed
+        and a read's owner learns its buffer is free.  Operations the kernel
+        still holds after ``timeout`` seconds (a read on a hung NFS server)
+        are abandoned: their handlers get -ECANCELED and their buffers stay
+        referenced for good.  The Deferred fires when the ring is closed.
+        """
+        if self._stop_d is None:
+            self._stop_d = defer.Deferred()
+            self._stopped = True
+            self._stop_now(timeout)
+        done: defer.Deferred[None] = defer.Deferred()
+        if self._stop_d.called:
+            done.callback(None)
+        else:
+            self._stop_d.addBoth(lambda r: (done.callback(None), r)[1])
+        return done
+
+    def _stop_now(self, timeout: float) -> None:
         if self._flush_call is not None:
             if self._flush_call.active():
                 self._flush_call.cancel()
@@ -338,54 +379,67 @@ class RingDriver(abstract.FileDescriptor):
         for ud, _, _ in list(self._waiting):
             if ud in self._waiting_ids:
                 self._waiting_ids.discard(ud)
-                self._handlers.pop(ud)(-errno.ECANCELED)
+                self._call(self._handlers.pop(ud), -errno.ECANCELED)
         self._waiting.clear()
         ring = self.ring
-        if ring is None:
+        if ring is None or ring.closed:
+            self._teardown()
             return
-        self.stopReading()
-        self.connected = 0
-        backlog, self._backlog = list(self._backlog), deque()
-        self._dispatch(backlog)  # real completions: an open's fd must be closed
-        try:
-            self._cancel_in_flight(ring, timeout)
-        finally:
-            ring.close(timeout=0)
-            os.close(self._efd)
-            self._efd = -1
-            left, self._handlers = self._handlers, {}
-            for handler in left.values():
-                try:
-                    handler(-errno.ECANCELED)
-                except Exception:
-                    self.log.failure("io_uring completion handler failed")
-
-    def _cancel_in_flight(self, ring: Ring, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
         try:
             ring.submit()
         except OSError:
-            return
-        self._dispatch(ring.reap())
-        sent = False
-        while self._handlers:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            if not sent and ring.sq_space() > 0:
-                ring.prep_cancel(0, _CANCEL_ALL_UD, IORING_ASYNC_CANCEL_ALL | IORING_ASYNC_CANCEL_ANY)
-                ring.submit()
-                sent = True
+            pass
+        backlog, self._backlog = list(self._backlog), deque()
+        self._dispatch(backlog)
+        if self._handlers and ring.sq_space() > 0:
+            ring.prep_cancel(0, _CANCEL_ALL_UD, IORING_ASYNC_CANCEL_ALL | IORING_ASYNC_CANCEL_ANY)
             try:
-                results = ring.wait(1, min(remaining, 0.1))
+                ring.submit()
             except OSError:
-                return
-            for ud, res in results:
-                if ud == _CANCEL_ALL_UD and res == -errno.EINVAL:
-                    self._cancel_one_by_one(ring)  # CANCEL_ANY is Linux 5.19+
-            self._dispatch(results)
+                pass
+        self._dispatch(ring.reap())
+        if self._handlers:
+            self._stop_timer = self.reactor.callLater(timeout, self._abandon)
+        self._teardown_when_idle()
 
-    def _cancel_one_by_one(self, ring: Ring) -> None:
+    def _teardown_when_idle(self) -> None:
+        if self._handlers or self._backlog:
+            return
+        self._teardown()
+
+    def _abandon(self) -> None:
+        """The kernel kept operations past the stop timeout: give up on them."""
+        self._stop_timer = None
+        left, self._handlers = self._handlers, {}
+        self._backlog.clear()
+        for handler in left.values():
+            self._call(handler, -errno.ECANCELED)
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if self._stop_timer is not None and self._stop_timer.active():
+            self._stop_timer.cancel()
+        self._stop_timer = None
+        ring, efd = self.ring, self._efd
+        if ring is not None and not ring.closed:
+            self.stopReading()
+            self.connected = 0
+            ring.close(timeout=0)  # references of what is still in flight are kept
+        if efd >= 0:
+            self._efd = -1
+            _close_quietly(efd)
+        d = self._stop_d
+        if d is not None and not d.called:
+            d.callback(None)
+
+    def _call(self, handler: Handler, res: Any) -> None:
+        try:
+            handler(res)
+        except Exception:
+            self.log.failure("io_uring completion handler failed")
+
+    def _cancel_one_by_one(self) -> None:
+        ring = self.ring
         for target in list(self._handlers):
             if ring.sq_space() <= 0:
                 break
@@ -397,148 +451,135 @@ class RingDriver(abstract.FileDescriptor):
         except OSError:
             pass
 
+    def _forked(self) -> None:
+        """In a forked child: the ring and its operations are the parent's.
+
+        Nothing of them is touched (the rings are shared memory); operations
+        in flight fail with ``ForkedError`` when the child's reactor runs,
+        and new ones are refused with it: a child builds its own loader.
+        """
+        left, self._handlers = self._handlers, {}
+        self._waiting.clear()
+        self._waiting_ids.clear()
+        self._backlog.clear()
+        self._flush_call = None
+        self._stop_timer = None
+        if self.ring is not None:
+            self.ring._abandon()
+        if self._efd >= 0:
+            _close_quietly(self._efd)
+            self._efd = -1
+        self._stopped = True
+        self._lost_at_fork = True
+        if self._stop_d is None:
+            self._stop_d = defer.succeed(None)
+        for handler in left.values():
+            try:
+                self.reactor.callLater(0, self._call, handler, _FORKED)
+            except Exception:
+                pass
+
+
+def _error(res: Any, path: Any = None) -> BaseException:
+    if res is _FORKED:
+        return ForkedError("io_uring operation")
+    if res == -errno.ECANCELED:
+        return defer.CancelledError()
+    return result_error(res, path)
+
 
 class _RingOpen:
-    """openat → statx(fd) → ``check_regular``, all in the ring.
+    """openat (or openat2 beneath a root) → statx(fd) → ``check_regular``, in the ring.
 
-    A cancelled open still runs to its end in the kernel: whatever
-    descriptor it produced is closed then.  The Deferred fails only once a
-    descriptor opened for a refused file (directory, FIFO, device) is
-    closed, so a failed open leaves nothing open behind it.
+    ``op`` fires exactly once: with the ``OpenedFile``; or with the error
+    once a descriptor opened for a refused file (directory, FIFO, device)
+    is closed again.  Cancelled after the kernel opened the file, it still
+    delivers the ``OpenedFile`` (unchecked): its owner closes it.
     """
 
-    __slots__ = ("engine", "path", "deferred", "ud", "fd", "cancelled", "closing")
+    __slots__ = ("backend", "path", "op", "ud", "fd", "cancelled")
 
-    def __init__(self, engine: "UringEngine", path: str, force_async: bool) -> None:
-        self.engine = engine
+    def __init__(self, backend: "RingBackend", path: str, root: Root | None, force_async: bool) -> None:
+        self.backend = backend
         self.path = path
         self.fd = -1
         self.ud = 0
         self.cancelled = False
-        self.closing = False
-        self.deferred: defer.Deferred[OpenedFile] = defer.Deferred(self._cancel)
-        self._start(_prep_open, (path, force_async), self._opened)
+        self.op = Op(self._cancel)
+        if root is None:
+            self._start(_prep_open, (path, force_async), self._opened)
+        else:
+            from ..confine import resolve_flags
+
+            self._start(_prep_open_beneath, (root.fd, path, resolve_flags(root.no_symlinks), force_async),
+                        self._opened)
 
     def _start(self, prep: Prep, args: tuple[Any, ...], handler: Handler) -> None:
         try:
-            self.ud = self.engine.driver.start(prep, args, handler)
-        except (UringError, ValueError, TypeError, OSError) as e:
+            self.ud = self.backend.driver.start(prep, args, handler)
+        except Exception as e:
             if self.fd >= 0:
-                _close_quietly(self.fd)
-                self.fd = -1
+                fd, self.fd = self.fd, -1
+                _close_quietly(fd)
             self._fail(e)
 
-    def _cancel(self, _: defer.Deferred[OpenedFile]) -> None:
+    def _cancel(self) -> None:
         self.cancelled = True
-        if not self.closing:
-            self.engine.driver.cancel(self.ud)
+        self.backend.driver.cancel(self.ud)
 
     def _fail(self, error: BaseException) -> None:
-        if not self.deferred.called:
-            self.deferred.errback(Failure(error))
+        if not self.op.deferred.called:
+            self.op.deferred.errback(Failure(error))
 
-    def _opened(self, res: int) -> None:
-        if res < 0:
-            if self.cancelled:
-                return
-            if res == -errno.ENXIO:  # a socket, or a device with no driver: say which
-                self._start(Ring.prep_statx, (self.path,), self._stat_of_path)
-            else:
-                self._fail(result_error(res, self.path))
+    def _opened(self, res: Any) -> None:
+        if res is _FORKED or res < 0:
+            error = _error(res, self.path)
+            if res == -errno.ENXIO:  # a socket, or a device with no driver
+                from ..errors import NotRegularFile
+
+                error = NotRegularFile("socket or device", self.path)
+            elif isinstance(error, OSError) and self.backend.root_escape(error):
+                from ..confine import escape_error
+
+                error = escape_error(error, self.path)
+            self._fail(error)
             return
         self.fd = res
         if self.cancelled:
-            self._close_then(None)
+            self._deliver(OpenedFile(res, 0, 0, self.path))
         else:
             self._start(Ring.prep_statx, (res,), self._stat_of_fd)
 
-    def _stat_of_path(self, res: Any) -> None:
-        if self.cancelled:
-            return
-        if isinstance(res, StatxResult):
-            try:
-                check_regular(res.mode, self.path)
-            except OSError as e:
-                self._fail(e)
-                return
-        self._fail(result_error(-errno.ENXIO, self.path))
-
     def _stat_of_fd(self, res: Any) -> None:
-        if self.cancelled:
-            self._close_then(None)
-            return
         if not isinstance(res, StatxResult):
-            self._close_then(result_error(res, self.path))
+            self._close_then(_error(res, self.path))
             return
         try:
             check_regular(res.mode, self.path)
         except OSError as e:
             self._close_then(e)
             return
-        engine = self.engine
-        engine._ring_fds.add(self.fd)
-        self.deferred.callback(engine._classify(OpenedFile(self.fd, res.size, res.dev, self.path)))
+        self._deliver(OpenedFile(self.fd, res.size, res.dev, self.path, res.ino, res.mtime_ns))
 
-    def _close_then(self, error: BaseException | None) -> None:
+    def _deliver(self, f: OpenedFile) -> None:
+        f.via = "ring"
+        self.fd = -1
+        self.op.deferred.callback(f)
+
+    def _close_then(self, error: BaseException) -> None:
         fd, self.fd = self.fd, -1
-        self.closing = True
-
-        def closed(_: Any) -> None:
-            if error is not None:
-                self._fail(error)
-
         try:
-            self.engine.driver.start(Ring.prep_close, (fd,), closed)
-        except RingClosed:
+            self.backend.driver.start(Ring.prep_close, (fd,), lambda _: self._fail(error))
+        except Exception:
             _close_quietly(fd)
-            closed(0)
+            self._fail(error)
 
 
-class _RingRead:
-    """One read in the ring.  Its Deferred may be cancelled (Twisted then
-    fails it at once), but the engine keeps the descriptor open until the
-    kernel has completed the read: see ``UringEngine.close``."""
-
-    __slots__ = ("engine", "fd", "nowait", "deferred", "ud", "cancelled")
-
-    def __init__(self, engine: "UringEngine", f: OpenedFile, view: memoryview, offset: int) -> None:
-        self.engine = engine
-        self.fd = f.fd
-        self.nowait = f.nowait and engine.inline
-        self.cancelled = False
-        self.deferred: defer.Deferred[int] = defer.Deferred(self._cancel)
-        busy = engine._busy
-        busy[self.fd] = busy.get(self.fd, 0) + 1
-        prep = _prep_read_async if engine._needs_worker(f.dev) else Ring.prep_read
-        try:
-            self.ud = engine.driver.start(prep, (f.fd, view, offset), self._done)
-        except BaseException:
-            engine._read_finished(self.fd)
-            raise
-
-    def _cancel(self, _: defer.Deferred[int]) -> None:
-        self.cancelled = True
-        self.engine.driver.cancel(self.ud)
-
-    def _done(self, res: int) -> None:
-        engine = self.engine
-        engine._read_finished(self.fd)
-        if res > 0 and self.nowait:
-            engine._retry_inline.add(self.fd)
-        d = self.deferred
-        if d.called:
-            return
-        if res >= 0:
-            d.callback(res)
-        elif self.cancelled:
-            d.errback(defer.CancelledError())
-        else:
-            d.errback(result_error(res))
-
-
-@implementer(IFileEngine)
-class UringEngine(NowaitEngine):
-    """io_uring for whatever could block; ``nowait``'s inline path for the rest.
+@implementer(IBackend)
+class RingBackend:
+    """Blocking calls through io_uring; the pool only for what the ring
+    cannot do here (confined opens where ``openat2`` is missing, closes
+    after the ring stopped).
 
     :param entries: SQ size (the CQ is twice that; at most that many ops are
         in flight, more wait in a FIFO).
@@ -546,85 +587,61 @@ class UringEngine(NowaitEngine):
         kernel runs at once in io-wq workers; they are kernel threads, so a
         high limit costs no GIL contention.
     :param max_dispatch: completions handled per reactor turn (bounds stalls).
-    :param inline: use the inline fast path (``open()`` on local file
-        systems, ``preadv(RWF_NOWAIT)`` for cached data).  With False every
-        open, read and close goes through the ring (for tests and comparisons).
     """
 
-    name = "io_uring"
+    name = "ring"
 
-    def __init__(self, reactor: Any, pool: IOPool, mounts: MountTable | None = None, *,
-                 entries: int = 256, io_workers: int = 64, max_dispatch: int = 32,
-                 inline: bool = True) -> None:
+    def __init__(self, reactor: Any, pool: Any, slow_mount: Callable[[str], bool], *,
+                 slow_dev: Callable[[int], bool], entries: int = 256, io_workers: int = 64,
+                 max_dispatch: int = 32) -> None:
         reason = uring_unavailable_reason()
         if reason is not None:
             raise UringUnavailable(reason)
-        super().__init__(reactor, pool, mounts)
-        self.inline = inline and nowait_supported()
+        self.reactor = reactor
         self.driver = RingDriver(reactor, entries, io_workers, max_dispatch)
+        self.pool = PoolBackend(pool)
+        self._slow_mount = slow_mount
+        self._slow_dev = slow_dev
+        self._worker_devs: dict[int, bool] = {}
         self.ring_reads = 0
         self.ring_opens = 0
         self.ring_closes = 0
-        self._ring_fds: set[int] = set()  # opened through the ring: closed through it
-        self._busy: dict[int, int] = {}  # fd -> reads the kernel has not completed
-        self._close_when_idle: dict[int, Callable[[], None]] = {}
-        self._worker_devs: dict[int, bool] = {}
-        self._retry_inline: set[int] = set()  # fds whose last read was a ring read
-        self._stopped = False
-        self._trigger = reactor.addSystemEventTrigger("during", "shutdown", self.stop)
-        if not self.inline:  # every open, read and close through the ring
-            self.open = self._open_slowly  # type: ignore[method-assign]
-            self._classify = self._classify_for_ring  # type: ignore[method-assign]
-            self.read_small = None  # type: ignore[assignment]  # no inline fast path either
+        self._trigger: Any = reactor.addSystemEventTrigger("before", "shutdown", self._at_shutdown)
+        self._stopping: defer.Deferred[None] | None = None
 
-    # -- opening --------------------------------------------------------
-    # open() is nowait's: inline on local file systems, _open_slowly (the
-    # ring) where open() may block.  Ring-only mode swaps in the two below.
+    def root_escape(self, error: OSError) -> bool:
+        return error.errno in (errno.EXDEV, errno.ELOOP)
 
-    def _open_slowly(self, path: str) -> defer.Deferred[OpenedFile]:
+    def open(self, path: str, root: Root | None, slow: bool) -> Op:
+        if root is not None and root.method != "openat2" or self.driver.stopped and not self.driver._lost_at_fork:
+            return self.pool.open(path, root, slow)
         self.ring_opens += 1
         # Where open() may wait for a server (FUSE, NFS), IOSQE_ASYNC keeps it
         # out of io_uring_enter: with the name cached the kernel would
         # otherwise try it inline, in the reactor thread.
-        m = self.mounts.for_path(path)
-        force_async = m is None or m.slow_open or m.mount_point in self._slow_points
-        return _RingOpen(self, path, force_async).deferred
+        force_async = slow or self._slow_mount(root.join(path) if root is not None else path)
+        return _RingOpen(self, path, root, force_async).op
 
-    @staticmethod
-    def _classify_for_ring(f: OpenedFile) -> OpenedFile:
-        f.inline = f.nowait = False
-        return f
-
-    # -- reading --------------------------------------------------------
-    # read_inline is nowait's; after a miss (or EOPNOTSUPP) the file is no
-    # longer "inline": FileReader then reads it through read() -- the ring,
-    # or one inline attempt after each ring read -- and never registers the
-    # file with the reactor (which would poll it).
-    demote_on_miss = True
-
-    def read(self, f: OpenedFile, view: memoryview, offset: int) -> defer.Deferred[int]:
-        fd = f.fd
-        if fd in self._retry_inline:
-            # The last read went through the ring; its readahead (or end of
-            # file) is likely at hand now.  Only right after a ring read, so
-            # a reader takes at most one inline chunk per completion.
-            self._retry_inline.discard(fd)
-            try:
-                n = os.preadv(fd, [view], offset, RWF_NOWAIT)
-            except BlockingIOError:
-                self.nowait_fallbacks += 1
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    return defer.fail()
-                f.nowait = False  # this file system refuses RWF_NOWAIT after all
-            else:
-                self.inline_reads += 1
-                return defer.succeed(n)
+    def read(self, f: OpenedFile, view: memoryview, offset: int) -> Op:
         self.ring_reads += 1
+        driver = self.driver
+        ud = 0
+
+        def done(res: Any) -> None:
+            if op.deferred.called:
+                return
+            if res is not _FORKED and res >= 0:
+                op.deferred.callback(res)
+            else:
+                op.deferred.errback(Failure(_error(res, f.path)))
+
+        op = Op(lambda: driver.cancel(ud))
+        prep = _prep_read_async if self._needs_worker(f.dev) else Ring.prep_read
         try:
-            return _RingRead(self, f, view, offset).deferred
-        except (UringError, OSError, ValueError, TypeError):
-            return defer.fail()
+            ud = driver.start(prep, (f.fd, view, offset), done)
+        except Exception:
+            return Op.failed()
+        return op
 
     def _needs_worker(self, dev: int) -> bool:
         """Whether reads on this device must skip the kernel's inline attempt
@@ -633,86 +650,40 @@ class UringEngine(NowaitEngine):
         honour the non-blocking attempt and are cheaper without a worker."""
         force = self._worker_devs.get(dev)
         if force is None:
-            m = self.mounts.for_dev(dev)
-            force = m is None or m.slow_open or m.mount_point in self._slow_points
-            self._worker_devs[dev] = force
+            force = self._worker_devs[dev] = self._slow_dev(dev)
         return force
 
-    def _read_finished(self, fd: int) -> None:
-        n = self._busy[fd] - 1
-        if n:
-            self._busy[fd] = n
-            return
-        del self._busy[fd]
-        then = self._close_when_idle.pop(fd, None)
-        if then is not None:
-            then()
-
-    # -- closing --------------------------------------------------------
-    def close(self, f: OpenedFile) -> defer.Deferred[None] | None:
-        fd = f.fd
-        if fd not in self._ring_fds and fd not in self._busy:
-            self._retry_inline.discard(fd)
-            os.close(fd)  # opened inline on a local file system
-            return None
-        if fd in self._busy:
-            # A cancelled read is still in the kernel: closing now could let
-            # the descriptor number be reused under it.
-            d: defer.Deferred[None] = defer.Deferred()
-
-            def later() -> None:
-                pending = self._close_now(f)
-                if pending is None:
-                    d.callback(None)
-                else:
-                    pending.chainDeferred(d)
-
-            self._close_when_idle[fd] = later
-            return d
-        return self._close_now(f)
-
-    def _close_now(self, f: OpenedFile) -> defer.Deferred[None] | None:
-        fd = f.fd
-        self._retry_inline.discard(fd)
-        if fd not in self._ring_fds:
-            os.close(fd)  # opened inline on a local file system
-            return None
-        self._ring_fds.discard(fd)
+    def close(self, f: OpenedFile) -> Op:
+        if f.via != "ring" or self.driver.stopped:
+            return self.pool.close(f)
         self.ring_closes += 1
-        d: defer.Deferred[None] = defer.Deferred()
+        op = Op()
 
-        def done(res: int) -> None:
-            if res >= 0:
-                d.callback(None)
+        def done(res: Any) -> None:
+            if res is not _FORKED and res >= 0:
+                op.deferred.callback(None)
             else:
-                d.errback(result_error(res, f.path))
+                op.deferred.errback(Failure(_error(res, f.path)))
 
         try:
-            self.driver.start(Ring.prep_close, (fd,), done)
-        except RingClosed:
-            _close_quietly(fd)
-            return None
-        return d
+            self.driver.start(Ring.prep_close, (f.fd,), done)
+        except Exception:
+            return self.pool.close(f)
+        return op
 
-    # -- the rest -------------------------------------------------------
     def owned_fds(self) -> set[int]:
-        """Descriptors the engine itself holds open (the ring, its eventfd)."""
+        """The ring's and the eventfd's descriptors (none before first use)."""
         return self.driver.owned_fds()
 
     def stats(self) -> dict[str, Any]:
         driver = self.driver
         return {
-            "inline_reads": self.inline_reads,
+            **self.pool.stats(),
             "ring_reads": self.ring_reads,
-            "pool_reads": self.pool_reads,
-            "inline_opens": self.inline_opens,
             "ring_opens": self.ring_opens,
-            "pool_opens": self.pool_opens,
             "ring_closes": self.ring_closes,
-            "nowait_fallbacks": self.nowait_fallbacks,
             "ring_submits": driver.submits,
             "ring_ops": driver.submitted_ops,
-            "ops_per_submit": round(driver.submitted_ops / driver.submits, 2) if driver.submits else 0.0,
             "ring_in_flight": driver.in_flight,
             "ring_peak_in_flight": driver.peak_in_flight,
             "ring_queued": driver.queued,
@@ -720,14 +691,18 @@ class UringEngine(NowaitEngine):
             "ring_dropped": driver.dropped,
         }
 
-    def stop(self) -> None:
-        """Cancel what is in flight, close the ring and its eventfd."""
-        if self._stopped:
-            return
-        self._stopped = True
-        try:
-            self.reactor.removeSystemEventTrigger(self._trigger)
-        except (ValueError, KeyError, TypeError):
-            pass
-        self.driver.stop()
-        self.pool.stop()
+    def _at_shutdown(self) -> defer.Deferred[None]:
+        self._trigger = None  # firing: not to be removed
+        return self.stop()
+
+    def stop(self) -> defer.Deferred[None]:
+        """Stop the ring (see ``RingDriver.stop``), then the pool; never blocks."""
+        if self._stopping is None:
+            trigger, self._trigger = self._trigger, None
+            if trigger is not None:
+                self.reactor.removeSystemEventTrigger(trigger)
+            self._stopping = self.driver.stop()
+            self._stopping.addCallback(lambda _: self.pool.stop())
+        done: defer.Deferred[None] = defer.Deferred()
+        self._stopping.addBoth(lambda r: (done.called or done.callback(None), r)[1])
+        return done

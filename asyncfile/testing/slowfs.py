@@ -209,6 +209,50 @@ def _watch_parent(pipe_fd: int, mountpoint: str) -> None:
     os._exit(1)  # The loop did not end: do not linger as an orphan.
 
 
+def start_parent_watch(parent_fd: int, mountpoint: str, name: str) -> None:
+    """Run ``_watch_parent`` in a daemon thread (shared with faultfs)."""
+    threading.Thread(
+        target=_watch_parent, args=(parent_fd, mountpoint),
+        name=name, daemon=True,
+    ).start()
+
+
+def run_fuse(
+    operations: Any,
+    mountpoint: str,
+    *,
+    fsname: str,
+    attr_timeout: float,
+    max_threads: int,
+    debug: bool,
+) -> None:
+    """Serve *operations* read-only at *mountpoint* until unmounted.
+
+    The mount options every daemon here needs: libfuse's multi-threaded
+    loop, direct I/O, and an automatic unmount should the process die.
+    """
+    options: dict[str, Any] = {}
+    if (mfusepy.fuse_version_major, mfusepy.fuse_version_minor) >= (3, 12):
+        # libfuse >= 3.12 caps the multi-threaded loop at 10 threads.
+        options["max_threads"] = max_threads
+    mfusepy.FUSE(
+        operations,
+        mountpoint,
+        foreground=True,
+        nothreads=False,  # libfuse's multi-threaded loop.
+        debug=debug,
+        ro=True,
+        fsname=fsname,
+        subtype=fsname,
+        direct_io=True,  # Bypass the page cache; reads arrive whole.
+        attr_timeout=attr_timeout,
+        entry_timeout=attr_timeout,
+        negative_timeout=0,  # Files created in the source show up at once.
+        auto_unmount=True,  # fusermount3 unmounts if this process dies.
+        **options,
+    )
+
+
 def serve(
     source: str,
     mountpoint: str,
@@ -225,30 +269,11 @@ def serve(
     if mfusepy is None:
         raise RuntimeError(f"mfusepy is not usable: {_MFUSEPY_ERROR}")
     if parent_fd is not None:
-        threading.Thread(
-            target=_watch_parent, args=(parent_fd, mountpoint),
-            name="slowfs-parent-watch", daemon=True,
-        ).start()
+        start_parent_watch(parent_fd, mountpoint, "slowfs-parent-watch")
     operations = SlowPassthrough(source, read_delay, open_delay, getattr_delay, max_background)
-    options: dict[str, Any] = {}
-    if (mfusepy.fuse_version_major, mfusepy.fuse_version_minor) >= (3, 12):
-        # libfuse >= 3.12 caps the multi-threaded loop at 10 threads.
-        options["max_threads"] = max_threads
-    mfusepy.FUSE(
-        operations,
-        mountpoint,
-        foreground=True,
-        nothreads=False,  # libfuse's multi-threaded loop.
-        debug=debug,
-        ro=True,
-        fsname="slowfs",
-        subtype="slowfs",
-        direct_io=True,  # Bypass the page cache; reads arrive whole.
-        attr_timeout=attr_timeout,
-        entry_timeout=attr_timeout,
-        negative_timeout=0,  # Files created in the source show up at once.
-        auto_unmount=True,  # fusermount3 unmounts if this process dies.
-        **options,
+    run_fuse(
+        operations, mountpoint, fsname="slowfs", attr_timeout=attr_timeout,
+        max_threads=max_threads, debug=debug,
     )
 
 
@@ -334,41 +359,29 @@ def _fusermount(mountpoint: str, *flags: str) -> bool:
     return result.returncode == 0
 
 
-class SlowFS:
-    """A slow read-only mirror of *source*, served by a child process.
+class FuseProcess:
+    """A FUSE daemon of this package, mounted by a child process.
 
-    ``with SlowFS(src, read_delay=0.05) as mount_dir:`` mounts on a fresh
-    temporary directory, waits until the mount is live, and on exit
-    unmounts, stops the child and removes the mount point, whether or not
-    the body raised.  The object also carries ``.source`` and ``.mount``
-    (absolute paths) and ``stats()``; it mounts once (no restart).
-
-    The kernel caches names and attributes for *attr_timeout* seconds, as
-    an NFS client does: a file rewritten in the source with a new size may
-    show the old size that long.  ``attr_timeout=0`` asks the daemon (and
-    pays *getattr_delay*) on every lookup.
+    The life cycle shared by ``SlowFS`` and ``faultfs.FaultFS``: ``start``
+    runs ``python -m <_module> SOURCE MOUNT <_daemon_args()> --parent-fd
+    N`` on a fresh temporary mount point and waits until the mount serves;
+    ``stop`` unmounts, stops the child and removes the mount point, whether
+    or not files are still open.  Subclasses set ``_module`` and ``_label``
+    and add their options in ``_daemon_args`` (and descriptors the child
+    inherits in ``_pass_fds``).
     """
+
+    _module = ""
+    _label = ""
 
     def __init__(
         self,
         source: str | os.PathLike[str],
-        read_delay: float = 0.05,
-        open_delay: float = 0.0,
-        getattr_delay: float = 0.0,
         *,
-        attr_timeout: float = 1.0,
-        max_threads: int = 64,
-        max_background: int = 0,
         mount_timeout: float = 10.0,
         debug: bool = False,
     ) -> None:
         self.source = os.path.realpath(source)
-        self.read_delay = read_delay
-        self.open_delay = open_delay
-        self.getattr_delay = getattr_delay
-        self.attr_timeout = attr_timeout
-        self.max_threads = max_threads
-        self.max_background = max_background
         self.mount_timeout = mount_timeout
         self.debug = debug
         self.mount: str | None = None
@@ -376,6 +389,14 @@ class SlowFS:
         self._workdir: str | None = None
         self._log_path: str | None = None
         self._parent_pipe_w: int | None = None
+
+    def _daemon_args(self) -> list[str]:
+        """Command line options of the daemon, after SOURCE and MOUNT."""
+        return []
+
+    def _pass_fds(self) -> tuple[int, ...]:
+        """Descriptors (besides the parent pipe) the child inherits."""
+        return ()
 
     def __enter__(self) -> str:
         return self.start()
@@ -391,13 +412,13 @@ class SlowFS:
     def start(self) -> str:
         """Mount and return the mount directory once it serves requests."""
         if self.process is not None:
-            raise RuntimeError("SlowFS already started")
+            raise RuntimeError(f"{type(self).__name__} already started")
         if not os.path.isdir(self.source):
             raise NotADirectoryError(self.source)
-        self._workdir = tempfile.mkdtemp(prefix="slowfs-")
+        self._workdir = tempfile.mkdtemp(prefix=f"{self._label}-")
         self.mount = os.path.join(self._workdir, "mnt")
         os.mkdir(self.mount)
-        self._log_path = os.path.join(self._workdir, "slowfs.log")
+        self._log_path = os.path.join(self._workdir, f"{self._label}.log")
         read_fd, self._parent_pipe_w = os.pipe()
         package_root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ)
@@ -405,14 +426,9 @@ class SlowFS:
             p for p in (package_root, env.get("PYTHONPATH")) if p
         )
         cmd = [
-            sys.executable, "-m", "asyncfile.testing.slowfs",
+            sys.executable, "-m", self._module,
             self.source, self.mount,
-            "--read-delay", repr(self.read_delay),
-            "--open-delay", repr(self.open_delay),
-            "--getattr-delay", repr(self.getattr_delay),
-            "--attr-timeout", repr(self.attr_timeout),
-            "--max-threads", str(self.max_threads),
-            "--max-background", str(self.max_background),
+            *self._daemon_args(),
             "--parent-fd", str(read_fd),
         ]
         if self.debug:
@@ -421,7 +437,8 @@ class SlowFS:
             with open(self._log_path, "wb") as log_file:
                 self.process = subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL, stdout=log_file,
-                    stderr=subprocess.STDOUT, pass_fds=(read_fd,), env=env,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=(read_fd, *self._pass_fds()), env=env,
                     start_new_session=True,  # Keep Ctrl-C to the parent.
                 )
         except BaseException:
@@ -442,19 +459,22 @@ class SlowFS:
         while not is_mounted(self.mount):
             if self.process.poll() is not None:
                 raise RuntimeError(
-                    f"slowfs exited with status {self.process.returncode} "
-                    f"before mounting: {self.log_text().strip()}"
+                    f"{self._label} exited with status "
+                    f"{self.process.returncode} before mounting: "
+                    f"{self.log_text().strip()}"
                 )
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"slowfs did not mount within {self.mount_timeout} s: "
-                    f"{self.log_text().strip()}"
+                    f"{self._label} did not mount within "
+                    f"{self.mount_timeout} s: {self.log_text().strip()}"
                 )
             time.sleep(0.01)
         # The mount table lists it once mount(2) is done; a stat answered
         # by the daemon (st_dev differs from the parent's) proves it serves.
         if not os.path.ismount(self.mount):
-            raise RuntimeError(f"slowfs mount is not live: {self.log_text()}")
+            raise RuntimeError(
+                f"{self._label} mount is not live: {self.log_text()}"
+            )
 
     def log_text(self) -> str:
         """What the daemon wrote to stdout/stderr so far (for diagnostics)."""
@@ -465,13 +485,6 @@ class SlowFS:
                 return f.read()
         except OSError:
             return ""
-
-    def stats(self) -> dict[str, int]:
-        """The daemon's counters: calls of read/open/getattr, read_bytes,
-        max_read_size, max_concurrent_reads (cumulative since mount)."""
-        if self.mount is None:
-            raise RuntimeError("SlowFS not started")
-        return json.loads(os.getxattr(self.mount, STATS_XATTR))
 
     def stop(self) -> None:
         """Unmount, stop the daemon, remove the mount point; idempotent."""
@@ -510,8 +523,66 @@ class SlowFS:
                 except FileNotFoundError:
                     pass
                 except OSError as exc:
-                    log.warning("slowfs: cannot remove %s: %s", path, exc)
+                    log.warning("%s: cannot remove %s: %s", self._label,
+                                path, exc)
             self._workdir = None
+
+
+class SlowFS(FuseProcess):
+    """A slow read-only mirror of *source*, served by a child process.
+
+    ``with SlowFS(src, read_delay=0.05) as mount_dir:`` mounts on a fresh
+    temporary directory, waits until the mount is live, and on exit
+    unmounts, stops the child and removes the mount point, whether or not
+    the body raised.  The object also carries ``.source`` and ``.mount``
+    (absolute paths) and ``stats()``; it mounts once (no restart).
+
+    The kernel caches names and attributes for *attr_timeout* seconds, as
+    an NFS client does: a file rewritten in the source with a new size may
+    show the old size that long.  ``attr_timeout=0`` asks the daemon (and
+    pays *getattr_delay*) on every lookup.
+    """
+
+    _module = "asyncfile.testing.slowfs"
+    _label = "slowfs"
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str],
+        read_delay: float = 0.05,
+        open_delay: float = 0.0,
+        getattr_delay: float = 0.0,
+        *,
+        attr_timeout: float = 1.0,
+        max_threads: int = 64,
+        max_background: int = 0,
+        mount_timeout: float = 10.0,
+        debug: bool = False,
+    ) -> None:
+        super().__init__(source, mount_timeout=mount_timeout, debug=debug)
+        self.read_delay = read_delay
+        self.open_delay = open_delay
+        self.getattr_delay = getattr_delay
+        self.attr_timeout = attr_timeout
+        self.max_threads = max_threads
+        self.max_background = max_background
+
+    def _daemon_args(self) -> list[str]:
+        return [
+            "--read-delay", repr(self.read_delay),
+            "--open-delay", repr(self.open_delay),
+            "--getattr-delay", repr(self.getattr_delay),
+            "--attr-timeout", repr(self.attr_timeout),
+            "--max-threads", str(self.max_threads),
+            "--max-background", str(self.max_background),
+        ]
+
+    def stats(self) -> dict[str, int]:
+        """The daemon's counters: calls of read/open/getattr, read_bytes,
+        max_read_size, max_concurrent_reads (cumulative since mount)."""
+        if self.mount is None:
+            raise RuntimeError("SlowFS not started")
+        return json.loads(os.getxattr(self.mount, STATS_XATTR))
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,7 +12,7 @@ def open_fds() -> set[str]:
 
 @pytest.fixture(params=ENGINES)
 def engine(request):
-    from asyncfile.engines.nowait import nowait_supported
+    from asyncfile.engines import nowait_supported
 
     if request.param == "nowait" and not nowait_supported():
         pytest.skip("RWF_NOWAIT is Linux-only")
@@ -42,8 +42,10 @@ def make_loader(engine):
 
     make.made = made
     yield make
-    for loader in made:
-        loader.close()
+    import pytest_twisted
+    from twisted.internet import defer
+
+    pytest_twisted.blockon(defer.gatherResults([loader.close() for loader in made]).addTimeout(30, reactor))
 
 
 @pytest.fixture

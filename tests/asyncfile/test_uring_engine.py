@@ -16,8 +16,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
-from asyncfile import FileLoader, FileReader
-from asyncfile.engines import IOPool, UringEngine, make_engine
+from asyncfile import FileLoader, FileReader, LoaderClosed
+from asyncfile.engines import IOPool, make_engine
 from asyncfile.engines import uring as uring_module
 from asyncfile.engines._uring import RingClosed, UringUnavailable, probe
 from asyncfile.testing import pagecache
@@ -39,14 +39,13 @@ def ring_loader():
     made = []
 
     def make(max_open=64, chunk_size=256 * 1024, **engine_options):
-        engine = UringEngine(reactor, IOPool(reactor), **engine_options)
+        engine = make_engine("io_uring", reactor, IOPool(reactor), **engine_options)
         loader = FileLoader(reactor, max_open=max_open, max_waiting=10_000, chunk_size=chunk_size, engine=engine)
         made.append(loader)
         return loader
 
     yield make
-    for loader in made:
-        loader.close()
+    pytest_twisted.blockon(defer.gatherResults([loader.close() for loader in made]).addTimeout(30, reactor))
 
 
 def fds_without(loader):
@@ -127,21 +126,24 @@ async def test_cancelled_read_keeps_its_descriptor_until_the_kernel_is_done(ring
     engine = loader.engine
     write_files(slow_fs.source, 1, 8192)
     path = os.path.join(slow_fs.mount, "f000")
-    f = await engine.open(path)
+    handle = await loader.open(path)
+    f = handle.file
     assert not f.inline  # FUSE: read through the ring
-    view = memoryview(bytearray(8192))
-    read = engine.read(f, view, 0)
+    read = loader.load(handle)
+    await until(lambda: loader.stats()["ring_in_flight"] >= 1)
     await sleep(0.05)  # the read is in the kernel (FUSE cannot cancel it)
     cancelled_at = time.monotonic()
     read.cancel()
     with pytest.raises(defer.CancelledError):
-        await read
-    closing = engine.close(f)
-    assert closing is not None and not closing.called
+        await read  # a cancelled Deferred fires at once
+    closing = handle.close()
+    assert not closing.called
     assert os.readlink(f"/proc/self/fd/{f.fd}") == path  # still open: the kernel may use it
+    assert loader.stats()["open"] == 1 and loader.stats()["active"] == 1
     await closing.addTimeout(5, reactor)
     assert time.monotonic() - cancelled_at >= 0.15  # closed only once the read completed
-    assert not engine._busy and loader.stats()["ring_in_flight"] == 0
+    assert loader.stats()["ring_in_flight"] == 0 and loader.stats()["open"] == 0
+    assert loader.stats()["active"] == 0
     assert not os.path.exists(f"/proc/self/fd/{f.fd}") or os.readlink(f"/proc/self/fd/{f.fd}") != path
 
 
@@ -153,20 +155,23 @@ async def test_stop_with_operations_in_flight_and_waiting(ring_loader, slow_fs):
     paths = [os.path.join(slow_fs.mount, os.path.basename(p)) for p in write_files(slow_fs.source, 12, 4096)]
     before = open_fds()
     loads = [loader.load(p) for p in paths]
-    await until(lambda: engine.ring_reads >= 4)  # reads in the kernel, more requests waiting
+    await until(lambda: loader.stats()["ring_reads"] >= 4)  # reads in the kernel, more requests waiting
     assert loader.stats()["ring_in_flight"] >= 4
-    ring = engine.driver.ring
+    driver = engine.backend.driver
+    ring = driver.ring
     started = time.monotonic()
-    loader.close()  # stop(): cancel, wait for the kernel (FUSE reads finish), close
-    assert time.monotonic() - started < 2.5
-    assert ring.closed and engine.owned_fds() == set()
-    assert engine.driver not in reactor.getReaders()
+    closing = loader.close()  # cancel, let the kernel finish (FUSE reads), close
+    assert time.monotonic() - started < 0.05  # never blocks the reactor
     outcomes = await defer.DeferredList(loads, consumeErrors=True).addTimeout(5, reactor)
     for ok, outcome in outcomes:
         assert not ok
-        assert outcome.check(RingClosed, OSError, defer.CancelledError), outcome
+        assert outcome.check(LoaderClosed, defer.CancelledError), outcome
+    await closing.addTimeout(5, reactor)
+    assert ring.closed and engine.owned_fds() == set()
+    assert driver not in reactor.getReaders()
     assert open_fds() <= before
-    with pytest.raises(RingClosed):
+    assert loader.stats()["open"] == 0 and loader.stats()["active"] == 0
+    with pytest.raises(LoaderClosed):
         await loader.load(paths[0])  # the loader is closed; nothing leaks either
 
 
@@ -177,11 +182,12 @@ async def test_reactor_waits_on_the_eventfd_not_on_files(ring_loader, slow_fs):
     engine = loader.engine
     paths = [os.path.join(slow_fs.mount, os.path.basename(p)) for p in write_files(slow_fs.source, 5, 4096)]
     loads = defer.gatherResults([loader.load(p) for p in paths])
-    await until(lambda: engine.ring_reads >= 5)  # every load waits for a read now
+    await until(lambda: loader.stats()["ring_reads"] >= 5)  # every load waits for a read now
     readers = reactor.getReaders()
-    assert engine.driver in readers
+    driver = engine.backend.driver
+    assert driver in readers
     assert not [r for r in readers if isinstance(r, FileReader)]
-    assert os.readlink(f"/proc/self/fd/{engine.driver.fileno()}") == "anon_inode:[eventfd]"
+    assert os.readlink(f"/proc/self/fd/{driver.fileno()}") == "anon_inode:[eventfd]"
     polling = getattr(reactor, "_continuousPolling", None)
     if polling is not None:  # epoll and asyncio reactors poll what epoll refuses
         assert not polling.getReaders()
@@ -238,7 +244,7 @@ def test_unusable_io_uring_is_a_value_error_with_the_reason(monkeypatch):
         make_engine("io_uring", reactor, IOPool(reactor))
     monkeypatch.setattr(uring_module, "uring_unavailable_reason", lambda: "nope")
     with pytest.raises(UringUnavailable, match="nope"):
-        UringEngine(reactor, IOPool(reactor))
+        uring_module.RingBackend(reactor, IOPool(reactor), lambda p: False, slow_dev=lambda d: False)
 
 
 @pytest.mark.slowfs(read_delay=0.5)
@@ -259,8 +265,9 @@ def test_reactor_shutdown_stops_the_engine(slow_fs):
             reactor.callLater(0.2, reactor.stop)
         reactor.callWhenRunning(go)
         reactor.run()
-        print("stopped", loader.engine.driver.stopped, "in_flight", loader.engine.driver.in_flight,
-              "outcome", outcome)
+        driver = loader.engine.backend.driver
+        print("stopped", driver.stopped, "in_flight", driver.in_flight, "outcome", outcome,
+              "open", loader.stats()["open"])
     """)
     out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=30,
                          cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
