@@ -45,6 +45,15 @@ _OPTION_FOR = {
     "timeout": ("--timeout", float),
     "max_dimension": ("--max-dimension", int),
     "default_quality": ("--default-quality", int),
+    "secret_file": ("--secret-file", str),
+    "max_memory_mb": ("--max-memory-mb", float),
+    "max_output_pixels": ("--max-output-pixels", int),
+    "cache_control": ("--cache-control", str),
+    "max_connections": ("--max-connections", int),
+    "header_timeout": ("--header-timeout", float),
+    "idle_timeout": ("--idle-timeout", float),
+    "send_timeout": ("--send-timeout", float),
+    "max_streams": ("--max-streams", int),
 }
 
 

@@ -27,6 +27,19 @@ MIN_SECRET_BYTES = 16
 MAX_DIMENSION_LIMIT = 65500
 
 
+def _machine_memory_mb() -> float:
+    """Physical memory in MiB (None-safe: 4 GiB where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1024 * 1024)
+    except (ValueError, OSError, AttributeError):
+        return 4096.0
+
+
+def default_max_memory_mb() -> float:
+    """A quarter of the machine's memory, between 256 MiB and 4 GiB."""
+    return float(max(256, min(4096, int(_machine_memory_mb() // 4))))
+
+
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
@@ -91,6 +104,54 @@ class Settings:
         default=85,
         metadata=_help("JPEG and WebP quality (1-100) when the request gives no q."),
     )
+    secret_file: str | None = field(
+        default=None,
+        metadata=_help(
+            "File holding the signing key (first line); keeps it out of the process list. "
+            "The environment variable IMGSERVER_SECRET is read when neither is given."
+        ),
+    )
+    max_memory_mb: float = field(
+        default_factory=default_max_memory_mb,
+        metadata=_help(
+            "Memory budget of images in processing, in MiB, estimated from each image's header "
+            "(decoded source + output); work beyond it waits or is refused with 503. "
+            "Default: a quarter of the machine's memory, 256-4096."
+        ),
+    )
+    max_output_pixels: int = field(
+        default=25_000_000,
+        metadata=_help("Largest output image, in pixels (w x h after dpr and fit)."),
+    )
+    cache_control: str = field(
+        default="public, max-age=86400",
+        metadata=_help("Cache-Control of successful image answers (originals and transforms)."),
+    )
+    max_connections: int = field(
+        default=1024,
+        metadata=_help("HTTP connections open at once; beyond it new ones are closed at once."),
+    )
+    header_timeout: float = field(
+        default=10.0,
+        metadata=_help("Seconds a client may take to send a request's line and headers."),
+    )
+    idle_timeout: float = field(
+        default=60.0,
+        metadata=_help("Seconds an idle keep-alive connection is kept open."),
+    )
+    send_timeout: float = field(
+        default=30.0,
+        metadata=_help(
+            "Seconds a response may go without the client accepting any of its bytes; "
+            "then the connection is dropped and its file closed."
+        ),
+    )
+    max_streams: int = field(
+        default=32,
+        metadata=_help(
+            "Originals streamed at once (their own lane, apart from transforms); beyond it 503."
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.root is not None:
@@ -114,7 +175,31 @@ class Settings:
                 )
             object.__setattr__(self, "secret", bytes(secret))
 
+        if self.secret is None:
+            key = None
+            if self.secret_file is not None:
+                try:
+                    with open(self.secret_file, "rb") as f:
+                        key = f.readline().strip()
+                except OSError as e:
+                    raise ValueError(f"secret_file: cannot read it ({e.strerror})") from None
+            elif os.environ.get("IMGSERVER_SECRET"):
+                key = os.environ["IMGSERVER_SECRET"].encode("utf-8")
+            if key is not None:
+                if len(key) < MIN_SECRET_BYTES:
+                    raise ValueError(f"the secret must be at least {MIN_SECRET_BYTES} bytes long")
+                object.__setattr__(self, "secret", bytes(key))
+
         self._check_int("workers", minimum=1)
+        self._check_number("max_memory_mb", minimum=16, allow_zero=True)
+        self._check_int("max_output_pixels", minimum=1)
+        self._check_int("max_connections", minimum=1)
+        self._check_number("header_timeout", minimum=0, allow_zero=False)
+        self._check_number("idle_timeout", minimum=0, allow_zero=False)
+        self._check_number("send_timeout", minimum=0, allow_zero=False)
+        self._check_int("max_streams", minimum=1)
+        if not isinstance(self.cache_control, str) or any(c in self.cache_control for c in "\r\n\0"):
+            raise ValueError("cache_control must be a header value (no CR, LF or NUL)")
         self._check_int("max_queue", minimum=0)
         self._check_number("cache_mb", minimum=0, allow_zero=True)
         self._check_int("max_pixels", minimum=1)
@@ -153,6 +238,11 @@ class Settings:
     def max_file_bytes(self) -> int:
         """``max_file_mb`` in bytes."""
         return int(self.max_file_mb * 1024 * 1024)
+
+    @property
+    def max_memory_bytes(self) -> int:
+        """``max_memory_mb`` in bytes."""
+        return int(self.max_memory_mb * 1024 * 1024)
 
     @property
     def signed(self) -> bool:
