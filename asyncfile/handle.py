@@ -147,7 +147,7 @@ class FileHandle:
         self._waiter = None
         self._slot = slot
         loader = self.loader
-        if loader._spent < loader.turn_budget and not loader._ready:
+        if loader.turn_budget is None or (loader._spent < loader.turn_budget and not loader._ready):
             self._open_now()
         else:
             self._move(_H.READY)

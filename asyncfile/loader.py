@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from . import _buffers
 from .engines import IOPool, make_engine
-from .engines.base import IFileEngine, Root, open_root
+from .engines.base import IFileEngine, Op, Root
 from .errors import ForkedError, LoaderClosed, Overloaded
 from .handle import FileHandle, HandleState
 from .interfaces import IFileLoader
@@ -245,14 +245,17 @@ class FileLoader:
         self.bytes = 0
         self.errors = 0
         self.cancelled = 0
-        self._trigger: Any = reactor.addSystemEventTrigger("before", "shutdown", self._at_shutdown)
+        add_trigger = getattr(reactor, "addSystemEventTrigger", None)  # a Clock has none
+        self._trigger: Any = (add_trigger("before", "shutdown", self._at_shutdown)
+                              if add_trigger is not None else None)
         _LOADERS.add(self)
 
     # -- turns ----------------------------------------------------------------
     def _charge(self, seconds: float) -> None:
-        """Count inline work against this reactor turn's budget."""
-        self._spent += seconds
-        self._schedule_turn()
+        """Count inline work against this reactor turn's budget (None: no budget)."""
+        if self.turn_budget is not None:
+            self._spent += seconds
+            self._schedule_turn()
 
     def _schedule_turn(self) -> None:
         if not self._turn_pending:
@@ -274,7 +277,7 @@ class FileLoader:
             handle = ready.popleft()
             if handle.state is HandleState.READY:  # not closed meanwhile
                 handle._open_now()
-                if perf_counter() - started >= self.turn_budget:
+                if self.turn_budget is not None and perf_counter() - started >= self.turn_budget:
                     break
         self._spent = max(self._spent, perf_counter() - started)
         if ready:
@@ -414,11 +417,31 @@ class FileLoader:
             path = os.fsdecode(os.fspath(path))
         except TypeError:
             return defer.fail()
-        opens_inline = getattr(self.engine, "opens_inline", None)
-        if self.pool is None or (opens_inline is not None
-                                 and opens_inline(os.path.join(os.path.abspath(path), "."))):
-            return defer.maybeDeferred(open_root, path, no_symlinks)
-        return self.pool.run(open_root, path, no_symlinks)
+        try:
+            got = self.engine.open_root(path, no_symlinks)
+        except Exception:
+            return defer.fail()
+        if not isinstance(got, Op):
+            return defer.succeed(got)
+        wanted = [True]
+
+        def cancel(_: Any) -> None:
+            wanted[0] = False
+            got.cancel()
+
+        def opened(root: Root) -> None:
+            if wanted[0]:
+                result.callback(root)
+            else:
+                root.close()  # cancelled while it was being opened
+
+        def failed(failure: Failure) -> None:
+            if wanted[0]:
+                result.errback(failure)
+
+        result: defer.Deferred[Root] = defer.Deferred(cancel)
+        got.deferred.addCallbacks(opened, failed)
+        return result
 
     # -- the rest -----------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

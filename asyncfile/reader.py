@@ -182,6 +182,8 @@ class FileReader(abstract.FileDescriptor):
         self._op: Op | None = None
         self._outcome: Any = None
         self._registered = False
+        self._issuing = False  # inside _step, handing a read to the engine
+        self._completed_now = False  # that read completed at once
         self.chunks = 0
 
     # -- IReadDescriptor ------------------------------------------------
@@ -235,35 +237,45 @@ class FileReader(abstract.FileDescriptor):
             self._step()
 
     def _step(self) -> None:
-        try:
-            view = self.sink.next_view()
-        except Exception:
-            self.end(Failure())
-            return
-        if view is None:
-            self.end(None)
-            return
-        offset = self.start_offset + self.sink.filled
-        if self.file.inline:
+        while True:
             try:
-                n = self.engine.read_inline(self.file, view, offset)
-            except BlockingIOError:
-                pass  # not cached (or not inline-readable): read it off the reactor thread
+                view = self.sink.next_view()
             except Exception:
-                _release(view)
                 self.end(Failure())
                 return
-            else:
-                self._got(view, n)
+            if view is None:
+                self.end(None)
                 return
-        self._unregister()
-        self.state = _S.IN_FLIGHT
-        try:
-            op = self.engine.read(self.file, view, offset)
-        except Exception:
-            op = Op.failed()
-        self._op = op
-        op.deferred.addCallbacks(self._read_done, self._read_failed, callbackArgs=(view,), errbackArgs=(view,))
+            offset = self.start_offset + self.sink.filled
+            if self.file.inline:
+                try:
+                    n = self.engine.read_inline(self.file, view, offset)
+                except BlockingIOError:
+                    pass  # not cached (or not inline-readable): read it off the reactor thread
+                except Exception:
+                    _release(view)
+                    self.end(Failure())
+                    return
+                else:
+                    self._got(view, n)
+                    return
+            self._unregister()
+            self.state = _S.IN_FLIGHT
+            try:
+                op = self.engine.read(self.file, view, offset)
+            except Exception:
+                op = Op.failed()
+            self._op = op
+            self._issuing, self._completed_now = True, False
+            op.deferred.addCallbacks(self._read_done, self._read_failed, callbackArgs=(view,),
+                                     errbackArgs=(view,))
+            self._issuing = False
+            # A read that completed at once (an in-memory engine) continues
+            # here, not by recursion: a long file must not exhaust the stack.
+            if not self._completed_now or self.state is not _S.READY or self.file.inline:
+                if self._completed_now and self.state is _S.READY:
+                    self._continue()
+                return
 
     def _got(self, view: memoryview, n: int) -> None:
         self.chunks += 1
@@ -287,6 +299,9 @@ class FileReader(abstract.FileDescriptor):
             return
         self.state = _S.PAUSED if state is _S.PAUSED_IN_FLIGHT else _S.READY
         self._got(view, n)
+        if self._issuing:
+            self._completed_now = True  # _step goes on
+            return
         # After a read off the thread the next chunk is often at hand
         # (readahead): try it inline at once, else off-thread again.
         if self.state is _S.READY and self.file.inline:

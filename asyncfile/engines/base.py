@@ -54,7 +54,7 @@ class Root:
     refuses every symlink).
     """
 
-    __slots__ = ("path", "fd", "no_symlinks", "method", "dev")
+    __slots__ = ("path", "fd", "no_symlinks", "method", "dev", "closed")
 
     def __init__(self, path: str, fd: int, no_symlinks: bool, method: str, dev: int) -> None:
         self.path = path
@@ -62,16 +62,15 @@ class Root:
         self.no_symlinks = no_symlinks
         self.method = method
         self.dev = dev
-
-    @property
-    def closed(self) -> bool:
-        return self.fd < 0
+        self.closed = False
 
     def close(self) -> None:
         """Close the directory descriptor (an ``O_PATH`` close never blocks)."""
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        if not self.closed:
+            self.closed = True
+            fd, self.fd = self.fd, -1
+            if fd >= 0:
+                os.close(fd)
 
     def join(self, path: str) -> str:
         """Where ``path`` would be, for mount policy and messages (never for opening)."""
@@ -118,7 +117,7 @@ def _open_fd(path: str, root: Root | None) -> int:
         return os.open(path, OPEN_FLAGS)
     from .. import confine
 
-    if root.fd < 0:
+    if root.closed:
         raise ValueError(f"{root!r} is closed")
     return confine.open_beneath(root.fd, path, OPEN_FLAGS, no_symlinks=root.no_symlinks,
                                 method=root.method)
@@ -201,6 +200,9 @@ class IBackend(Interface):
         """Open and ``fstat`` a regular file; ``Op`` of an ``OpenedFile``.  A
         cancelled open that did open something closes it."""
 
+    def open_root(path: str, no_symlinks: bool) -> Op:
+        """Open a directory as a ``Root``; ``Op`` of it."""
+
     def read(f: OpenedFile, view: memoryview, offset: int) -> Op:
         """Read into ``view``; ``Op`` of the byte count."""
 
@@ -222,6 +224,9 @@ class IFileEngine(Interface):
     def open(path: str, root: "Root | None" = None) -> "OpenedFile | Op":
         """Open a regular file: the ``OpenedFile`` where it could be done inline
         (or the ``OSError``, raised), else an ``Op`` running off the reactor."""
+
+    def open_root(path: str, no_symlinks: bool = False) -> "Root | Op":
+        """Open a directory for confined opens, inline or off-thread like ``open``."""
 
     def read_inline(f: OpenedFile, view: memoryview, offset: int) -> int:
         """Read in the reactor thread without blocking; ``BlockingIOError``
@@ -276,6 +281,12 @@ class Engine:
         if inline is not None:
             op.deferred.addCallback(inline.classify)
         return op
+
+    def open_root(self, path: str, no_symlinks: bool = False) -> Root | Op:
+        inline = self.inline
+        if inline is not None and not inline.opens_slowly(os.path.join(os.path.abspath(path), ".")):
+            return open_root(path, no_symlinks)
+        return self.backend.open_root(path, no_symlinks)
 
     def read_inline(self, f: OpenedFile, view: memoryview, offset: int) -> int:
         if not f.inline:

@@ -10,7 +10,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .base import IBackend, Op, OpenedFile, Root, open_regular, pread_into
+from .base import IBackend, Op, OpenedFile, Root, open_regular, open_root, pread_into
 
 __all__ = ["PoolBackend"]
 
@@ -75,6 +75,9 @@ class PoolBackend:
         self.pool_opens += 1
         op = self._run(_open_in_pool, path, root)
         return op
+
+    def open_root(self, path: str, no_symlinks: bool) -> Op:
+        return self._run(open_root, path, no_symlinks)
 
     def read(self, f: OpenedFile, view: memoryview, offset: int) -> Op:
         self.pool_reads += 1

@@ -622,6 +622,9 @@ class RingBackend:
         force_async = slow or self._slow_mount(root.join(path) if root is not None else path)
         return _RingOpen(self, path, root, force_async).op
 
+    def open_root(self, path: str, no_symlinks: bool) -> Op:
+        return self.pool.open_root(path, no_symlinks)
+
     def read(self, f: OpenedFile, view: memoryview, offset: int) -> Op:
         self.ring_reads += 1
         driver = self.driver

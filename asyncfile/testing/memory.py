@@ -1,8 +1,10 @@
-"""``MemoryLoader``: a file loader over a dict, for testing code that uses one.
+"""``MemoryLoader``: the real ``FileLoader`` over files in a dict, for testing code that uses one.
 
-Like ``treq.testing``: your code takes an ``IFileLoader``; your tests hand it
-a ``MemoryLoader`` with the files they need, and a ``twisted.internet.task.Clock``
-to make loads take (fake) time, so timeouts, queueing and cancellation are
+Like ``treq.testing``, the fake sits *under* the real code: a
+``MemoryLoader`` is a ``FileLoader`` whose engine serves a dict instead of
+a disk, so limits, queueing, handles, cancellation, ranges and streams are
+the real ones.  Reads take a (fake) ``latency`` on a
+``twisted.internet.task.Clock``, so timeouts, queueing and cancellation are
 tested deterministically, with no disk and no threads.
 
     clock = Clock()
@@ -18,45 +20,41 @@ import os
 from typing import Any, Mapping
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..errors import ConsumerStopped
-from ..interfaces import IFileLoader
-from ..limiter import Limiter
+from ..confine import check_relative
+from ..engines.base import IFileEngine, Op, OpenedFile, Root
+from ..loader import FileLoader
 
-__all__ = ["MemoryLoader"]
+__all__ = ["MemoryLoader", "MemoryEngine"]
 
 
 def _not_found(path: str) -> FileNotFoundError:
     return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
 
 
-@implementer(IFileLoader)
-class MemoryLoader:
-    """Serves ``files`` (path → bytes; an ``OSError`` instance to fail with it)
-    with ``FileLoader``'s API, limits and errors.
+@implementer(IFileEngine)
+class MemoryEngine:
+    """An engine over ``files`` (path → bytes; an ``OSError`` instance to fail with it).
 
-    :param reactor: schedules the ``latency``; a ``Clock`` in tests.  With
-        ``latency=0`` loads fire synchronously and no reactor is needed.
-    :param latency: seconds each load (or each streamed chunk) takes.
+    Opens and closes are immediate; every read of data takes ``latency``
+    seconds on ``reactor`` (a read that finds the end of a file is
+    immediate), and cancelling a read cancels its timer.
     """
 
-    def __init__(self, files: Mapping[str, bytes | OSError] | None = None, reactor: Any = None,
-                 latency: float = 0.0, max_open: int = 64, max_waiting: int | None = 1024,
-                 chunk_size: int = 256 * 1024) -> None:
-        self.files: dict[str, bytes | OSError] = dict(files or {})
+    name = "memory"
+
+    def __init__(self, files: dict[str, bytes | OSError], reactor: Any, latency: float) -> None:
+        self.files = files
         self.reactor = reactor
         self.latency = latency
-        self.chunk_size = chunk_size
-        self._limiter = Limiter(max_open, max_waiting)
-        self.loaded = 0
-        self.bytes = 0
-        self.errors = 0
-        self.cancelled = 0
+        self._fds: dict[int, bytes] = {}
+        self._next_fd = 1 << 20  # never a real descriptor number
+        self.reads = 0
+        self.opens = 0
 
-    def _lookup(self, path: Any) -> bytes:
-        path = os.fsdecode(os.fspath(path))
+    def _lookup(self, path: str) -> bytes:
         entry = self.files.get(path)
         if entry is None:
             if any(name.startswith(path.rstrip("/") + "/") for name in self.files):
@@ -66,133 +64,71 @@ class MemoryLoader:
             raise entry
         return entry
 
-    def _after_latency(self, value: Any) -> defer.Deferred[Any]:
-        if not self.latency:
-            return defer.succeed(value)
+    def open(self, path: str, root: Root | None = None) -> OpenedFile:
+        if "\0" in path:
+            raise ValueError("embedded null byte")
+        if root is not None:
+            check_relative(path)
+            path = root.join(path)
+        data = self._lookup(path)
+        self.opens += 1
+        fd, self._next_fd = self._next_fd, self._next_fd + 1
+        self._fds[fd] = data
+        f = OpenedFile(fd, len(data), 0, path, ino=fd, mtime_ns=0)
+        f.via = "memory"
+        return f
+
+    def open_root(self, path: str, no_symlinks: bool = False) -> Root:
+        return Root(path.rstrip("/") or "/", -1, no_symlinks, "memory", 0)
+
+    def read_inline(self, f: OpenedFile, view: memoryview, offset: int) -> int:
+        raise BlockingIOError(errno.EAGAIN, "memory files are read with latency")
+
+    def read(self, f: OpenedFile, view: memoryview, offset: int) -> Op:
+        data = self._fds[f.fd]
+        chunk = data[offset:offset + len(view)]
+        n = len(chunk)
+        view[:n] = chunk
+        if not n or not self.latency:
+            return Op.done(n)
         if self.reactor is None:
             raise ValueError("a latency needs a reactor (e.g. twisted.internet.task.Clock)")
-        return _delayed(self.reactor, self.latency, value)
+        self.reads += 1
+        op = Op(lambda: (call.cancel(), op.deferred.errback(Failure(defer.CancelledError()))))
+        call = self.reactor.callLater(self.latency, op.deferred.callback, n)
+        return op
 
-    def load(self, path: Any, offset: int = 0, length: int | None = None) -> defer.Deferred[bytes]:
-        if offset < 0 or (length is not None and length < 0):
-            return defer.fail(ValueError("offset and length must not be negative"))
-
-        def work() -> defer.Deferred[bytes]:
-            data = self._lookup(path)
-            end = None if length is None else offset + length
-            chunk = data[offset:end]
-
-            def done(result: bytes) -> bytes:
-                self.loaded += 1
-                self.bytes += len(result)
-                return result
-
-            return self._after_latency(chunk).addCallback(done)
-
-        def failed(failure: Any) -> Any:
-            if failure.check(OSError):
-                self.errors += 1
-            elif failure.check(defer.CancelledError):
-                self.cancelled += 1
-            return failure
-
-        return self._limiter.run(work).addErrback(failed)
-
-    def stream(self, path: Any, consumer: IConsumer, offset: int = 0,
-               length: int | None = None) -> defer.Deferred[int]:
-        def work() -> defer.Deferred[int]:
-            data = self._lookup(path)
-            end = None if length is None else offset + length
-            producer = _MemoryProducer(self, data[offset:end], consumer)
-            return producer.start()
-
-        return self._limiter.run(work)
+    def close(self, f: OpenedFile) -> None:
+        del self._fds[f.fd]
 
     def stats(self) -> dict[str, Any]:
-        limiter = self._limiter
-        return {
-            "engine": "memory",
-            "open": limiter.active,
-            **limiter.loader_stats(),
-            "loaded": self.loaded,
-            "bytes": self.bytes,
-            "errors": self.errors,
-            "cancelled": self.cancelled,
-            "inline_reads": 0,
-            "pool_reads": 0,
-        }
+        return {"memory_opens": self.opens, "memory_reads": self.reads, "memory_open": len(self._fds)}
 
-    def close(self) -> None:
-        pass
+    def stop(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
 
 
-def _delayed(reactor: Any, seconds: float, value: Any) -> defer.Deferred[Any]:
-    """``deferLater`` whose cancellation also cancels the timer."""
-    call = None
-    d: defer.Deferred[Any] = defer.Deferred(lambda _: call.cancel() if call.active() else None)
-    call = reactor.callLater(seconds, d.callback, value)
-    return d
+class _NoReactor:
+    """Stands in for a reactor where ``latency`` is 0: nothing is ever scheduled."""
+
+    def callLater(self, *args: Any, **kwargs: Any) -> Any:
+        raise ValueError("a latency needs a reactor (e.g. twisted.internet.task.Clock)")
 
 
-@implementer(IPushProducer)
-class _MemoryProducer:
-    def __init__(self, loader: MemoryLoader, data: bytes, consumer: IConsumer) -> None:
-        self.loader = loader
-        self.data = data
-        self.consumer = consumer
-        self.sent = 0
-        self.paused = False
-        self.pending: defer.Deferred[Any] | None = None
-        self.done: defer.Deferred[int] = defer.Deferred(lambda _: self._abort())
+class MemoryLoader(FileLoader):
+    """A ``FileLoader`` over ``files`` (path → bytes; an ``OSError`` instance
+    to fail with it): the same API, limits, handles and errors.
 
-    def start(self) -> defer.Deferred[int]:
-        self.consumer.registerProducer(self, True)
-        self._next()
-        return self.done
+    :param reactor: schedules the ``latency``; a ``Clock`` in tests.  With
+        ``latency=0`` loads fire synchronously and no reactor is needed.
+    :param latency: seconds each read of data takes.
+    """
 
-    def _next(self) -> None:
-        while not self.paused and not self.done.called:
-            if self.sent >= len(self.data):
-                self.consumer.unregisterProducer()
-                self.loader.loaded += 1
-                self.loader.bytes += self.sent
-                self.done.callback(self.sent)
-                return
-            chunk = self.data[self.sent:self.sent + self.loader.chunk_size]
-            if self.loader.latency:
-                self.pending = _delayed(self.loader.reactor, self.loader.latency, chunk)
-                self.pending.addCallback(self._write)
-                return
-            self._write(chunk)
-
-    def _write(self, chunk: bytes) -> None:
-        self.pending = None
-        if self.done.called:
-            return
-        self.sent += len(chunk)
-        self.consumer.write(chunk)
-        if self.loader.latency:
-            self._next()
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        if self.paused:
-            self.paused = False
-            if self.pending is None:
-                self._next()
-
-    def stopProducing(self) -> None:
-        if not self.done.called:
-            self._abort()
-            self.done.errback(ConsumerStopped(self.sent))
-
-    def _abort(self) -> None:
-        if self.pending is not None:
-            self.pending.cancel()
-            self.pending = None
-        try:
-            self.consumer.unregisterProducer()
-        except Exception:
-            pass
+    def __init__(self, files: Mapping[str, bytes | OSError] | None = None, reactor: Any = None,
+                 latency: float = 0.0, max_open: int = 64, max_waiting: int | None = 1024,
+                 chunk_size: int = 256 * 1024) -> None:
+        self.files: dict[str, bytes | OSError] = dict(files or {})
+        self.latency = latency
+        engine = MemoryEngine(self.files, reactor, latency)
+        super().__init__(reactor if reactor is not None else _NoReactor(), max_open=max_open,
+                         max_waiting=max_waiting, chunk_size=chunk_size, engine=engine, turn_budget=None)

@@ -21,6 +21,7 @@ def test_both_loaders_provide_the_interface():
     loader = FileLoader(reactor)
     verifyObject(IFileLoader, loader)
     loader.close()
+    assert isinstance(MemoryLoader(), FileLoader)
 
 
 def test_loads_ranges_and_errors_without_latency():
@@ -30,8 +31,9 @@ def test_loads_ranges_and_errors_without_latency():
     assert result_of(loader.load("/a", offset=50)) == b""
     assert result_of(loader.load("/nope")).check(FileNotFoundError)
     assert result_of(loader.load("/dir")).check(IsADirectoryError)
+    assert result_of(loader.load("/a\0")).check(ValueError)
     stats = loader.stats()
-    assert stats["loaded"] == 3 and stats["errors"] == 2 and stats["engine"] == "memory"
+    assert stats["loaded"] == 3 and stats["errors"] == 3 and stats["engine"] == "memory"
 
 
 def test_an_oserror_entry_fails_with_it():
@@ -98,3 +100,26 @@ def test_stream_in_chunks_with_stop():
 def test_latency_without_a_reactor_is_refused():
     loader = MemoryLoader({"/a": b"A"}, latency=1.0)
     assert result_of(loader.load("/a")).check(ValueError)
+
+
+def test_handles_roots_and_limits_are_the_real_ones():
+    clock = task.Clock()
+    loader = MemoryLoader({"/img/a.jpg": b"0123456789"}, reactor=clock, latency=1.0, max_open=1)
+    root = result_of(loader.open_root("/img"))
+    handle_d = loader.open("a.jpg", root=root)
+    handle = result_of(handle_d)
+    assert handle.size == 10 and loader.stats()["open"] == 1
+    waiting = loader.load("a.jpg", root=root)  # max_open=1: the handle holds the place
+    assert not waiting.called and loader.stats()["waiting"] == 1
+    ranged = loader.load(handle, 2, 3)
+    clock.advance(1.0)
+    assert result_of(ranged) == b"234"
+    escaping = loader.load("../etc/passwd", root=root)  # waits for a place like any load
+    closing = handle.close()
+    assert result_of(closing) is None and handle.closed
+    assert loader.stats()["open"] == 1 and loader.stats()["waiting"] == 1  # the next load took the place
+    clock.advance(1.0)
+    assert result_of(waiting) == b"0123456789"
+    assert result_of(escaping).type.__name__ == "OutsideRoot"
+    assert result_of(loader.close()) is None
+    assert result_of(loader.load("a.jpg", root=root)).check(Exception)
