@@ -37,6 +37,10 @@ __all__ = ["FileHandle", "HandleState", "TRANSITIONS"]
 
 
 class HandleState(enum.Enum):
+    """States compare by identity; hashing them is the C one (Enum's is Python code)."""
+
+    __hash__ = object.__hash__
+
     WAITING = "waiting"        # for a place in the loader's FIFO
     READY = "ready"            # has a place; waits for a reactor turn with inline budget left
     OPENING = "opening"        # has a place; the open runs off the reactor thread
@@ -87,8 +91,8 @@ class FileHandle:
         self._op: Op | None = None
         self._waiter: defer.Deferred[Any] | None = None
         self._on_open: Callable[[Any], None] | None = on_open  # gets self or a Failure, once
-        self._readers: set[FileReader] = set()
-        self._on_closed: list[Callable[[], None]] = []
+        self._readers: set[FileReader] | None = None  # made on first use: most loads have none
+        self._on_closed: list[Callable[[], None]] | None = None
         self._why: Failure | None = None  # why it was closed before it opened
 
     # -- what fstat said ------------------------------------------------
@@ -200,11 +204,15 @@ class FileHandle:
     # -- readers ------------------------------------------------------------
     def add_reader(self, reader: "FileReader") -> None:
         """A reader uses the descriptor: closing waits until it has ended."""
+        if self._readers is None:
+            self._readers = set()
         self._readers.add(reader)
 
     def remove_reader(self, reader: "FileReader") -> None:
-        self._readers.discard(reader)
-        if self.state is _H.CLOSING and not self._readers:
+        readers = self._readers
+        if readers is not None:
+            readers.discard(reader)
+        if self.state is _H.CLOSING and not readers:
             self._close_descriptor()
 
     # -- closing --------------------------------------------------------------
@@ -222,6 +230,8 @@ class FileHandle:
     def when_closed(self, then: Callable[[], None]) -> None:
         if self.state is _H.CLOSED:
             then()
+        elif self._on_closed is None:
+            self._on_closed = [then]
         else:
             self._on_closed.append(then)
 
@@ -270,7 +280,7 @@ class FileHandle:
         self._op = None
         self.loader.open_files -= 1
         self._move(_H.CLOSED)
-        self._finish_closed(None)
+        self._finish_closed(self._why)  # set when closed while its open ran
 
     def _finish_closed(self, failure: Failure | None) -> None:
         """CLOSED: give the place back, tell the opener (if it never got the
@@ -282,6 +292,7 @@ class FileHandle:
         on_open, self._on_open = self._on_open, None
         if on_open is not None:
             on_open(failure if failure is not None else Failure(defer.CancelledError()))
-        callbacks, self._on_closed = self._on_closed, []
-        for then in callbacks:
-            then()
+        callbacks, self._on_closed = self._on_closed, None
+        if callbacks:
+            for then in callbacks:
+                then()

@@ -65,7 +65,8 @@ class _Read:
     contract), while the descriptor is closed as soon as nothing runs on it.
     """
 
-    __slots__ = ("loader", "handle", "own", "offset", "length", "consumer", "kind", "result", "reader")
+    __slots__ = ("loader", "handle", "own", "offset", "length", "consumer", "kind", "result", "reader",
+                 "registered")
 
     def __init__(self, loader: "FileLoader", offset: int, length: int | None,
                  consumer: IConsumer | None, kind: _Kind) -> None:
@@ -77,6 +78,7 @@ class _Read:
         self.consumer = consumer
         self.kind = kind
         self.reader: FileReader | None = None
+        self.registered = False  # registered as the consumer's producer
         self.result: defer.Deferred[Any] = defer.Deferred(self._cancel)
 
     def _cancel(self, _: defer.Deferred[Any]) -> None:
@@ -122,32 +124,32 @@ class _Read:
         if self.kind is _Kind.STREAM:
             try:
                 self.consumer.registerProducer(reader, True)
-            except Exception:
+            except Exception:  # e.g. twisted.web: a producer is registered already
                 reader.end(Failure())
                 return
+            self.registered = True
         reader.start()
 
     def _read_small(self, f: Any, expected: int) -> bytes | None:
-        """The whole range in this turn if it is in the page cache; else None."""
+        """The whole range in this turn if it is in the page cache; else None.
+        (Its time is charged to the turn by whoever called ``opened``.)"""
         loader = self.loader
-        engine = loader.engine
-        started = perf_counter()
+        read = loader.engine.read_inline
         obj, view = _buffers.allocate(expected)
         try:
-            n = engine.read_inline(f, view, self.offset) if expected else 0
-            if n == expected and (expected == self.length or
-                                  engine.read_inline(f, loader._eof_probe, self.offset + n) == 0):
+            n = read(f, view, self.offset) if expected else 0
+            if n == expected and (expected == self.length or read(f, loader._eof_probe, self.offset + n) == 0):
                 return _buffers.finish(obj, view, n)
         except BlockingIOError:
             pass  # not cached: the FileReader reads it
         finally:
             _release(view)
-            loader._charge(perf_counter() - started)
         return None
 
     def _reader_done(self, outcome: Any) -> None:
         reader = self.reader
-        if self.kind is _Kind.STREAM:
+        if self.registered:  # never someone else's producer
+            self.registered = False
             try:
                 self.consumer.unregisterProducer()
             except Exception:
@@ -158,8 +160,12 @@ class _Read:
     def _done(self, outcome: Any) -> None:
         """The read is over: close the handle if it is ours, then fire."""
         if self.own:
-            self.handle.when_closed(lambda: self._fire(outcome))
-            self.handle.abandon()
+            handle = self.handle
+            handle.abandon()
+            if handle.state is HandleState.CLOSED:  # closed inline, at once
+                self._fire(outcome)
+            else:
+                handle.when_closed(lambda: self._fire(outcome))
         else:
             self._fire(outcome)
 
@@ -177,6 +183,8 @@ class _Read:
             loader.bytes += outcome if type(outcome) is int else len(outcome)
         reader = self.reader
         if self.kind is _Kind.READER and reader is not None:
+            if isinstance(outcome, Failure) and outcome.check(defer.CancelledError):
+                loader.cancelled += 1  # its owner cancelled the reader's Deferred
             reader.fire()  # the reader's own Deferred, now that the descriptor is closed
             return
         if not self.result.called:
@@ -186,9 +194,14 @@ class _Read:
                 self.result.callback(outcome)
 
 
+_MAX_OFFSET = 2**63 - 1  # off_t
+
+
 def _check_range(offset: Any, length: Any) -> None:
     if type(offset) is not int or offset < 0:
         raise ValueError(f"offset must be a non-negative int, not {offset!r}")
+    if offset > _MAX_OFFSET:
+        raise OverflowError(f"offset {offset} does not fit in an off_t")
     if length is not None and (type(length) is not int or length < 0):
         raise ValueError(f"length must be None or a non-negative int, not {length!r}")
 
@@ -308,19 +321,21 @@ class FileLoader:
                     raise ValueError("the handle belongs to another FileLoader")
                 if source.state is not HandleState.OPEN:
                     raise ValueError(f"I/O operation on a handle that is {source.state.value}")
-            except ValueError:
+            except (ValueError, OverflowError):
                 return defer.fail()
             read = _Read(self, offset, length, consumer, kind)
             read.own = False
             read.handle = source
+            started = perf_counter()
             read.opened(source)
+            self._charge(perf_counter() - started)
             return read.result
-        if type(source) is not str or type(offset) is not int or offset < 0 or (
+        if type(source) is not str or type(offset) is not int or offset < 0 or offset > _MAX_OFFSET or (
                 length is not None and (type(length) is not int or length < 0)):
             try:
                 _check_range(offset, length)
                 source = os.fsdecode(os.fspath(source))
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 return defer.fail()
         read = _Read(self, offset, length, consumer, kind)
         handle = FileHandle(self, source, root, read.opened)

@@ -140,17 +140,44 @@ class IOPool:
         worker thread they can only come from ``f`` itself, and the thread
         stays in the pool rather than dying with them.
         """
+        job = _Job(f, args, on_orphan)
+        d: defer.Deferred[Any] = defer.Deferred(lambda _: self._cancel(job))
+        self._enqueue(job, d)
+        return d
+
+    def submit(self, f: Callable[..., Any], *args: Any) -> tuple[defer.Deferred[Any], "_Job"]:
+        """``f(*args)`` in a pool thread, for an owner that must know when the
+        call has ended (a descriptor's owner before closing it).
+
+        The Deferred has no canceller and fires with ``f``'s outcome; to give
+        up, ``withdraw(job)``: it takes the job back if ``f`` has not started
+        (the Deferred then fails with ``CancelledError``), else it changes
+        nothing and the real outcome follows.
+        """
+        job = _Job(f, args, None)
+        d: defer.Deferred[Any] = defer.Deferred()
+        self._enqueue(job, d)
+        return d, job
+
+    def withdraw(self, job: "_Job") -> bool:
+        """Take back a job from ``submit`` that has not started; True if done."""
+        if job.deferred is None or job.deferred.called:
+            return False
+        self._cancel(job)
+        if not job.cancelled:
+            return False  # running: its outcome follows
+        job.deferred.errback(Failure(defer.CancelledError()))
+        return True
+
+    def _enqueue(self, job: "_Job", d: defer.Deferred[Any]) -> None:
         if self._trigger is None:
             # "before": Twisted waits for Deferreds from before-phase triggers
             # only; "during"/"after" results are ignored.
             self._trigger = self.reactor.addSystemEventTrigger("before", "shutdown",
                                                                self._on_shutdown)
-        job = _Job(f, args, on_orphan)
-        d: defer.Deferred[Any] = defer.Deferred(lambda _: self._cancel(job))
         job.deferred = d
         self.calls += 1
         self._submit(job)
-        return d
 
     def _submit(self, job: _Job) -> None:
         with self._lock:

@@ -135,6 +135,8 @@ class ConsumerSink:
 
 
 class ReaderState(enum.Enum):
+    __hash__ = object.__hash__  # identity, in C (Enum's hash is Python code)
+
     IDLE = "idle"              # built, not started
     READY = "ready"            # registered with the reactor: the next chunk in doRead
     IN_FLIGHT = "in_flight"    # a chunk is being read off the reactor thread

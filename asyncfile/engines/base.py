@@ -31,7 +31,7 @@ OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK
 class OpenedFile:
     """An open regular file: its descriptor, what ``fstat`` said, and how to read it."""
 
-    __slots__ = ("fd", "size", "dev", "ino", "mtime_ns", "path", "inline", "nowait", "via")
+    __slots__ = ("fd", "size", "dev", "ino", "mtime_ns", "path", "inline", "nowait", "via", "open_seconds")
 
     def __init__(self, fd: int, size: int, dev: int, path: str, ino: int = 0, mtime_ns: int = 0) -> None:
         self.fd = fd
@@ -43,6 +43,7 @@ class OpenedFile:
         self.inline = False  # may be read in the reactor thread without blocking
         self.nowait = False  # needs RWF_NOWAIT for that (page cache) vs memory-backed
         self.via = "inline"  # who opened it, and so who closes it: "inline", "pool", "ring"
+        self.open_seconds = 0.0  # how long an open off the reactor thread took (0: unknown)
 
 
 class Root:
@@ -169,8 +170,9 @@ class Op:
 
     __slots__ = ("deferred", "_canceller")
 
-    def __init__(self, canceller: Callable[[], None] | None = None) -> None:
-        self.deferred: defer.Deferred[Any] = defer.Deferred()
+    def __init__(self, canceller: Callable[[], None] | None = None,
+                 deferred: defer.Deferred[Any] | None = None) -> None:
+        self.deferred: defer.Deferred[Any] = deferred if deferred is not None else defer.Deferred()
         self._canceller = canceller
 
     def cancel(self) -> None:
@@ -275,11 +277,13 @@ class Engine:
 
     def open(self, path: str, root: Root | None = None) -> OpenedFile | Op:
         inline = self.inline
-        if inline is not None and not inline.opens_slowly(path, root):
-            return inline.open(path, root)
+        if inline is not None:
+            f = inline.open_fast(path, root)
+            if f is not None:
+                return f
         op = self.backend.open(path, root, True)
         if inline is not None:
-            op.deferred.addCallback(inline.classify)
+            op.deferred.addCallback(inline.opened_off_thread, path, root)
         return op
 
     def open_root(self, path: str, no_symlinks: bool = False) -> Root | Op:

@@ -104,6 +104,27 @@ class InlineIO:
         f.inline, f.nowait = flags
         return f
 
+    def open_fast(self, path: str, root: Root | None = None) -> OpenedFile | None:
+        """``open`` + ``fstat`` in the reactor thread where the mount opens fast;
+        None where it does not (the caller opens off the reactor thread)."""
+        slow, point = self.policy(path, root)
+        if slow:
+            return None
+        self.inline_opens += 1
+        started = time.perf_counter()
+        try:
+            f = open_regular(path, root)
+        finally:
+            self.record_open(point, time.perf_counter() - started)
+        return self.classify(f)
+
+    def opened_off_thread(self, f: OpenedFile, path: str, root: Root | None = None) -> OpenedFile:
+        """Learn from an open done off the reactor thread (so a mount measured
+        slow once can be found fast again), then classify the file."""
+        if f.open_seconds:
+            self.record_open(self.policy(path, root)[1], f.open_seconds)
+        return self.classify(f)
+
     def open(self, path: str, root: Root | None = None) -> OpenedFile:
         """``open`` + ``fstat`` in the reactor thread (local file systems only)."""
         point = self.policy(path, root)[1]

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import os
-import threading
+import time
 from typing import Any, Callable
 
 from twisted.internet import defer
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .base import IBackend, Op, OpenedFile, Root, open_regular, open_root, pread_into
 
 __all__ = ["PoolBackend"]
-
-_QUEUED, _RUNNING, _WITHDRAWN = 0, 1, 2
-
-
-class _Withdrawn(Exception):
-    """A job withdrawn before it started (the pool reached it anyway)."""
 
 
 @implementer(IBackend)
@@ -40,36 +33,9 @@ class PoolBackend:
         self.pool_closes = 0
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> Op:
-        lock = threading.Lock()
-        state = [_QUEUED]
-
-        def job() -> Any:
-            with lock:
-                if state[0] == _WITHDRAWN:
-                    raise _Withdrawn()
-                state[0] = _RUNNING
-            return fn(*args)
-
-        def withdraw() -> None:
-            with lock:
-                if state[0] != _QUEUED:
-                    return  # running: its real outcome follows
-                state[0] = _WITHDRAWN
-            queued.cancel()  # the pool drops it (or the job sees _WITHDRAWN)
-            op.deferred.errback(Failure(defer.CancelledError()))
-
-        def deliver(outcome: Any) -> None:
-            if state[0] == _WITHDRAWN:
-                return
-            if isinstance(outcome, Failure):
-                op.deferred.errback(outcome)
-            else:
-                op.deferred.callback(outcome)
-
-        op = Op(withdraw)
-        queued = self.pool.run(job)
-        queued.addBoth(deliver)
-        return op
+        pool = self.pool
+        d, job = pool.submit(fn, *args)
+        return Op(lambda: pool.withdraw(job), d)
 
     def open(self, path: str, root: Root | None, slow: bool) -> Op:
         self.pool_opens += 1
@@ -96,6 +62,8 @@ class PoolBackend:
 
 
 def _open_in_pool(path: str, root: Root | None) -> OpenedFile:
+    started = time.perf_counter()
     f = open_regular(path, root)
+    f.open_seconds = time.perf_counter() - started or 1e-9
     f.via = "pool"
     return f

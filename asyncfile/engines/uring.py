@@ -506,6 +506,12 @@ class _RingOpen:
         self.ud = 0
         self.cancelled = False
         self.op = Op(self._cancel)
+        if "\0" in path:  # refused here, not after waiting for room in the ring
+            raise ValueError("embedded null byte")
+        if root is not None:
+            from ..confine import check_relative
+
+            check_relative(path)  # the same name rules as every other engine
         if root is None:
             self._start(_prep_open, (path, force_async), self._opened)
         else:
