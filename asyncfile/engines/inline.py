@@ -23,12 +23,10 @@ __all__ = ["InlineIO", "nowait_supported", "RWF_NOWAIT", "SLOW_OPEN_SECONDS"]
 
 RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
 
-# When opens on a mount average (EWMA) more than this, open there off the
-# reactor thread; when they average less than a quarter of it again, open
-# inline.  An average, not one sample: a single GC pause or scheduler hiccup
-# must not send a local disk's opens to threads.
+# Opens slower than this, ``OPEN_STREAK`` times in a row, send a mount's
+# opens off the reactor thread (see ``InlineIO.record_open``).
 SLOW_OPEN_SECONDS = 0.001
-_EWMA_WEIGHT = 0.1
+OPEN_STREAK = 8
 
 
 def nowait_supported() -> bool:
@@ -46,7 +44,7 @@ class InlineIO:
         self.mounts = mounts if mounts is not None else shared_mount_table()
         self._refusing_devs: set[int] = set()
         self._slow_points: set[str] = set()
-        self._open_cost: dict[str, float] = {}
+        self._streak: dict[str, int] = {}  # mount point -> opens in a row against its policy
         self._by_dir: dict[str, tuple[bool, str | None]] = {}
         self._by_dev: dict[int, tuple[bool, bool]] = {}
         self._generation = self.mounts.generation
@@ -137,20 +135,30 @@ class InlineIO:
         return self.classify(f)
 
     def record_open(self, point: str | None, seconds: float) -> None:
+        """Learn how a mount opens: ``OPEN_STREAK`` opens in a row slower than
+        ``SLOW_OPEN_SECONDS`` send its opens off the reactor thread; as many in
+        a row faster than it bring them back.  A streak, not an average: one
+        preemption of the reactor thread on a loaded machine (or a thread
+        waiting for the GIL after its open) must not flip a local disk."""
         if point is None:
             return
-        cost = self._open_cost.get(point, 0.0) * (1 - _EWMA_WEIGHT) + seconds * _EWMA_WEIGHT
-        self._open_cost[point] = cost
-        if point in self._slow_points:
-            if cost < SLOW_OPEN_SECONDS / 4:
+        slow_now = point in self._slow_points
+        if (seconds > SLOW_OPEN_SECONDS) != slow_now:
+            streak = self._streak.get(point, 0) + 1
+            if streak < OPEN_STREAK:
+                self._streak[point] = streak
+                return
+            self._streak.pop(point, None)
+            if slow_now:
                 self._slow_points.discard(point)
-                self._forget()
                 self.log.info("open() on {mount} is fast again: opening inline", mount=point)
-        elif cost > SLOW_OPEN_SECONDS:
-            self._slow_points.add(point)
+            else:
+                self._slow_points.add(point)
+                self.log.info("open() on {mount} took over {ms:.1f} ms {n} times in a row: opening there "
+                              "off the reactor thread", mount=point, ms=SLOW_OPEN_SECONDS * 1000, n=OPEN_STREAK)
             self._forget()
-            self.log.info("open() on {mount} averages {ms:.1f} ms: opening there off the reactor thread",
-                          mount=point, ms=cost * 1000)
+        elif point in self._streak:
+            del self._streak[point]
 
     # -- reading ------------------------------------------------------------
     def read(self, f: OpenedFile, view: memoryview, offset: int) -> int:

@@ -39,3 +39,24 @@ def test_live_table_classifies_paths_and_devices(tmp_path):
     assert table.for_path("/proc").fstype == "proc"
     assert table.for_path("/prochost/x").mount_point != "/proc"
     table.close()
+
+
+def test_a_mount_flips_to_slow_opens_only_after_a_streak_and_back():
+    from asyncfile.engines.inline import OPEN_STREAK, SLOW_OPEN_SECONDS, InlineIO
+
+    inline = InlineIO()
+    slow, fast = SLOW_OPEN_SECONDS * 20, SLOW_OPEN_SECONDS / 10
+    for _ in range(50):  # a loaded machine: an occasional preempted open among fast ones
+        for seconds in [slow] * (OPEN_STREAK - 1) + [fast]:
+            inline.record_open("/", seconds)
+    assert "/" not in inline._slow_points
+    for _ in range(OPEN_STREAK):
+        inline.record_open("/", slow)
+    assert "/" in inline._slow_points and inline.policy("/x/y")[0] is inline.is_slow_mount("/x/y")
+    for _ in range(OPEN_STREAK - 1):
+        inline.record_open("/", fast)
+    inline.record_open("/", slow)  # the streak back is broken too
+    assert "/" in inline._slow_points
+    for _ in range(OPEN_STREAK):
+        inline.record_open("/", fast)
+    assert "/" not in inline._slow_points
