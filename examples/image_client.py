@@ -6,7 +6,9 @@ it for images:
 
 * HTTP with treq: ``GET /images/<path>?w=&h=&fit=&fm=&q=``, errors as a
   status and a short JSON body, a 503 with ``Retry-After`` when busy.
-* Perspective Broker with ``imgserver.client``: ``thumbnail()`` returns the
+* Perspective Broker with ``imgserver.client``: ``connect(reactor, endpoint,
+  secret=...)`` logs in (twisted.cred; anonymous only to a server without a
+  secret, which listens on loopback only); ``thumbnail()`` returns the
   whole image however big (results over PB's 640 KiB limit come in pages),
   failures arrive as imgserver's own exception classes (``NotFound`` ...).
 
@@ -43,7 +45,8 @@ async def main(reactor) -> None:
     from imgserver.errors import NotFound
     from imgserver.settings import Settings
 
-    server = Server(reactor, Settings(workers=2, max_queue=20))
+    settings = Settings(workers=2, max_queue=20)  # a secret, if any, from IMGSERVER_SECRET
+    server = Server(reactor, settings)
     await server.listen("tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1")
     http_base = f"http://127.0.0.1:{server.http_port.getHost().port}"
     pb_endpoint = f"tcp:127.0.0.1:{server.pb_port.getHost().port}"
@@ -65,7 +68,9 @@ async def main(reactor) -> None:
         failures += response.code != 404
 
         print("\nPerspective Broker (imgserver.client):")
-        client = await connect(reactor, pb_endpoint)
+        # Logs in: with the server's secret (credentials derived from it, sent as a
+        # challenge/response), or anonymously when it has none (loopback only).
+        client = await connect(reactor, pb_endpoint, secret=settings.secret)
         try:
             for args in (("photo.jpg", 256, 256, "crop"), ("photo.jpg", 1600, None, "clip"), ("logo.png", 64, 64, "scale")):
                 started = time.perf_counter()

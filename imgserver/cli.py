@@ -31,7 +31,8 @@ __all__ = ["main", "build_parser", "settings_from_args", "Server"]
 log = Logger(namespace="imgserver")
 
 DEFAULT_HTTP = "tcp:8080"
-DEFAULT_PB = "tcp:8789"
+#: Loopback only: PB is reachable from elsewhere only when asked (and then needs a secret).
+DEFAULT_PB = "tcp:8789:interface=127.0.0.1"
 DEFAULT_GRACE = 10.0
 
 _OPTION_FOR = {
@@ -68,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(option, dest=field.name, type=kind, default=default,
                             help=helps.get(field.name, ""))
     parser.add_argument("--http", default=DEFAULT_HTTP, help="HTTP endpoint ('none' to disable)")
-    parser.add_argument("--pb", default=DEFAULT_PB, help="Perspective Broker endpoint ('none' to disable)")
+    parser.add_argument("--pb", default=DEFAULT_PB,
+                        help="Perspective Broker endpoint ('none' to disable); clients log in with "
+                             "credentials derived from the secret; without a secret only a "
+                             "loopback address or a UNIX socket is accepted")
     parser.add_argument("--grace", type=float, default=DEFAULT_GRACE,
                         help="seconds work in flight may take to finish at shutdown")
     parser.add_argument("--demo", action="store_true",
@@ -104,9 +108,11 @@ class Server:
             self.ports.append(self.http_port)
             log.info("HTTP on {address}", address=self.http_port.getHost())
         if pb and pb != "none":
-            from .pb import make_pb_factory
+            from .pb import listen_pb
 
-            self.pb_port = await endpoints.serverFromString(self.reactor, pb).listen(make_pb_factory(self.service))
+            # Clients log in (twisted.cred); without a secret only on loopback
+            # (ExposedWithoutSecret otherwise).
+            self.pb_port = await listen_pb(self.reactor, pb, self.service)
             self.ports.append(self.pb_port)
             log.info("Perspective Broker on {address}", address=self.pb_port.getHost())
 
@@ -141,8 +147,15 @@ class Server:
 
 
 async def _serve(reactor: Any, args: argparse.Namespace, settings: Settings) -> None:
+    from .pb import ExposedWithoutSecret
+
     server = Server(reactor, settings)
-    await server.listen(args.http, args.pb)
+    try:
+        await server.listen(args.http, args.pb)
+    except ExposedWithoutSecret as e:
+        log.critical("{message}", message=str(e))
+        await server.stop(0)
+        raise SystemExit(2) from None
 
     async def graceful() -> None:
         log.info("shutting down: no new connections; finishing work in flight")
@@ -162,6 +175,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
+        if not args.demo and args.pb and args.pb != "none":
+            from .pb import check_exposure  # PB beyond loopback needs a secret
+
+            check_exposure(args.pb, settings.secret)
     except ValueError as e:
         build_parser().error(str(e))
     sys.setswitchinterval(args.switch_interval)

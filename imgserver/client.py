@@ -12,20 +12,30 @@ Why a wrapper rather than bare ``callRemote``:
   ``timeout`` fails with :class:`~imgserver.errors.Timeout` rather than waiting
   forever on a silent peer.
 
+* logging in: :func:`connect` logs in through the server's ``twisted.cred``
+  portal, with the credentials derived from the server's secret
+  (:func:`imgserver.pb.derive_password`) by PB's challenge/response (the
+  password never crosses the wire), or anonymously when given no secret (a
+  server without a secret, listening on loopback only).  A refused login
+  raises :class:`imgserver.pb.UnauthorizedLogin`, which is also
+  ``twisted.cred.error.UnauthorizedLogin``.
+
 Lost connections surface as ``pb.PBConnectionLost`` or ``pb.DeadReferenceError``.
+A connection is not encrypted: across a network, use a ``tls:`` endpoint.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from twisted.cred import credentials
 from twisted.internet import defer, endpoints
 from twisted.python.failure import Failure
 from twisted.spread import pb
 
 from . import errors
-from .errors import ImageServerError, InternalError, Timeout
-from .pb import DEFAULT_PAGE_SIZE
+from .errors import ImageServerError, InternalError, Overloaded, Timeout
+from .pb import DEFAULT_PAGE_SIZE, USERNAME, UnauthorizedLogin, derive_password
 
 __all__ = ["connect", "ImageClient", "DEFAULT_TIMEOUT", "CONNECT_TIMEOUT", "remote_error"]
 
@@ -37,11 +47,12 @@ CONNECT_TIMEOUT = 30.0
 _UNSET: Any = object()
 
 #: Remote type name -> local class, for the errors the server sends.
-_ERRORS: dict[str, type[ImageServerError]] = {
+_ERRORS: dict[str, type[Exception]] = {
     f"{errors.__name__}.{cls.__name__}": cls
     for cls in (getattr(errors, name) for name in errors.__all__)
     if isinstance(cls, type) and issubclass(cls, ImageServerError)
 }
+_ERRORS[f"{UnauthorizedLogin.__module__}.{UnauthorizedLogin.__name__}"] = UnauthorizedLogin
 
 
 def remote_error(failure: Failure) -> Failure:
@@ -65,7 +76,16 @@ def remote_error(failure: Failure) -> Failure:
         message = message.decode("utf-8", "replace")
     cls = _ERRORS.get(remote_type)
     if cls is not None:
-        return Failure(cls(str(message)))
+        if issubclass(cls, Overloaded):
+            # The server puts retry_after on the failure it sends (PB copies it).
+            retry_after = getattr(failure, "retry_after", None)
+            if isinstance(retry_after, bool) or not isinstance(retry_after, int):
+                retry_after = 1
+            return Failure(cls(str(message), retry_after=retry_after))
+        try:
+            return Failure(cls(str(message)))
+        except Exception:  # noqa: BLE001 - a class built otherwise: keep the remote error
+            pass
     return Failure(pb.RemoteError(remote_type, message, traceback))
 
 
@@ -83,16 +103,27 @@ def _bounded(d: defer.Deferred[Any], timeout: float | None, reactor: Any,
     return d.addTimeout(timeout, reactor, onTimeoutCancel=timed_out)
 
 
-def connect(reactor: Any, endpoint_description: str, *, timeout: float | None = CONNECT_TIMEOUT,
+def connect(reactor: Any, endpoint_description: str, secret: bytes | str | None = None, *,
+            timeout: float | None = CONNECT_TIMEOUT,
             call_timeout: float | None = DEFAULT_TIMEOUT,
             page_size: int = DEFAULT_PAGE_SIZE) -> defer.Deferred[ImageClient]:
-    """Connect to an imgserver PB endpoint such as ``"tcp:127.0.0.1:8789"``.
+    """Connect to an imgserver PB endpoint such as ``"tcp:127.0.0.1:8789"`` and log in.
 
-    ``timeout`` bounds the connection and the PB handshake; ``call_timeout``
-    becomes the client's default for each call.
+    ``secret`` is the server's secret (``--secret-file`` / ``IMGSERVER_SECRET``):
+    the login's password is derived from it as the server derives it.  Without
+    it the login is anonymous, which only a server without a secret accepts.
+    A refused login fails with :class:`imgserver.pb.UnauthorizedLogin` and
+    closes the connection.
+
+    ``timeout`` bounds the connection, the PB handshake and the login;
+    ``call_timeout`` becomes the client's default for each call.
     """
     endpoint = endpoints.clientFromString(reactor, endpoint_description)
     factory = pb.PBClientFactory()
+    if secret is None:
+        creds: Any = credentials.Anonymous()
+    else:
+        creds = credentials.UsernamePassword(USERNAME, derive_password(secret))
 
     async def go() -> ImageClient:
         broker = await endpoint.connect(factory)
@@ -102,17 +133,21 @@ def connect(reactor: Any, endpoint_description: str, *, timeout: float | None = 
             broker.notifyOnDisconnect(
                 lambda: root.called or root.errback(pb.PBConnectionLost("connection lost"))
             )
-            reference = await root
+            await root
+            perspective = await factory.login(creds).addErrback(remote_error)
         except BaseException:
             broker.transport.loseConnection()
             raise
-        return ImageClient(reference, reactor, timeout=call_timeout, page_size=page_size)
+        return ImageClient(perspective, reactor, timeout=call_timeout, page_size=page_size)
 
     return _bounded(defer.Deferred.fromCoroutine(go()), timeout, reactor, "connect")
 
 
 class ImageClient:
-    """Calls on one connection to an imgserver PB server; see :func:`connect`."""
+    """Calls on one logged-in connection to an imgserver PB server; see :func:`connect`.
+
+    ``root`` is the remote reference to this login's perspective (avatar).
+    """
 
     def __init__(self, root: pb.RemoteReference, reactor: Any, *,
                  timeout: float | None = DEFAULT_TIMEOUT,

@@ -75,7 +75,8 @@ async def run_demo(reactor: Any, settings: Settings, args: argparse.Namespace) -
         print(f"  HTTP {code} {path:<55} {ms:6.1f} ms  {what}")
     from .client import connect
 
-    client = await connect(reactor, f"tcp:127.0.0.1:{server.pb_port.getHost().port}")
+    client = await connect(reactor, f"tcp:127.0.0.1:{server.pb_port.getHost().port}",
+                           secret=server.settings.secret)
     try:
         started = time.perf_counter()
         data = await client.thumbnail("photo.jpg", 256, 256, fit="crop")

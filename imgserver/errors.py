@@ -24,7 +24,9 @@ __all__ = [
     "BadRequest",
     "Forbidden",
     "NotFound",
+    "PreconditionFailed",
     "TooLarge",
+    "RangeNotSatisfiable",
     "UnsupportedImage",
     "CorruptImage",
     "Overloaded",
@@ -76,12 +78,39 @@ class NotFound(ImageServerError):
     default_message = "not found"
 
 
+class PreconditionFailed(ImageServerError):
+    """``If-Match`` / ``If-Unmodified-Since`` did not hold (RFC 9110 §13.1.1, §13.1.4)."""
+
+    status = 412
+    code = "precondition_failed"
+    default_message = "the image does not match the request's preconditions"
+
+
 class TooLarge(ImageServerError):
     """The source file or image (bytes or pixels), or the requested output, is over a limit."""
 
     status = 413
     code = "too_large"
     default_message = "image too large"
+
+
+class RangeNotSatisfiable(ImageServerError):
+    """No byte of the file satisfies the request's Range (416).
+
+    An error like the others (a JSON body, ``Cache-Control: no-store``, no
+    image Content-Type), plus ``Content-Range: bytes */<size>`` as RFC 9110
+    §15.5.17 asks: ``size`` is the length of the file the range was checked
+    against.
+    """
+
+    status = 416
+    code = "range_not_satisfiable"
+    default_message = "the requested range is not satisfiable"
+
+    def __init__(self, size: int, message: str | None = None) -> None:
+        super().__init__(message)
+        self.size = int(size)
+        self.args = (self.size, self.message)
 
 
 class UnsupportedImage(ImageServerError):
@@ -106,7 +135,11 @@ class CorruptImage(UnsupportedImage):
 
 
 class Overloaded(ImageServerError):
-    """Every worker is busy and the queue is full; retry after ``retry_after`` seconds."""
+    """A lane or queue is full (workers, streams, open files); retry after ``retry_after`` seconds.
+
+    ``retry_after`` is the server's estimate (queue depth x recent processing
+    time / workers, 1..60 s), sent as ``Retry-After``.
+    """
 
     status = 503
     code = "overloaded"
@@ -170,11 +203,14 @@ def error_body(err: BaseException) -> bytes:
 
 
 def error_headers(err: BaseException) -> list[tuple[bytes, bytes]]:
-    """Response headers that go with :func:`error_body` (content type, Retry-After)."""
+    """Response headers that go with :func:`error_body` (content type, Retry-After,
+    and for a 416 the Content-Range RFC 9110 asks for)."""
     headers = [
         (b"Content-Type", b"application/json"),
         (b"Cache-Control", b"no-store"),
     ]
     if isinstance(err, Overloaded):
         headers.append((b"Retry-After", str(err.retry_after).encode("ascii")))
+    if isinstance(err, RangeNotSatisfiable):
+        headers.append((b"Content-Range", f"bytes */{err.size}".encode("ascii")))
     return headers

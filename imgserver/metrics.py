@@ -1,15 +1,87 @@
-"""Prometheus metrics for one server: counters kept as requests finish, gauges read at scrape time."""
+"""Prometheus metrics for one server: counters kept as things happen, gauges read at scrape time.
+
+Besides the service's numbers this has the HTTP layer's connection numbers
+(open, refused over the cap, dropped by reason) and a reactor lag monitor
+(:class:`LagMonitor`): a ``LoopingCall`` that measures how late the reactor
+runs it.  ``/healthz`` reports ``degraded`` while the recent lag is over
+:data:`LAG_DEGRADED` seconds.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import collections
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.internet import task
 from twisted.web import resource
 
-__all__ = ["Metrics", "MetricsResource"]
+__all__ = ["Metrics", "MetricsResource", "LagMonitor", "LAG_DEGRADED", "LAG_INTERVAL", "LAG_WINDOW"]
+
+#: Reactor lag (seconds) over which the server says it is degraded.
+LAG_DEGRADED = 0.5
+#: How often the lag monitor wakes up, in seconds.
+LAG_INTERVAL = 0.1
+#: The lag reported is the largest measured over this many seconds.
+LAG_WINDOW = 2.0
+
+
+class LagMonitor:
+    """How late the reactor runs a call scheduled every ``interval`` seconds.
+
+    :meth:`current` is the largest lag measured in the last ``window``
+    seconds (0 when not running), so one long stall shows for a while rather
+    than for one scrape.  Started and stopped by the site (with its ports).
+    """
+
+    def __init__(self, reactor: Any, interval: float = LAG_INTERVAL, window: float = LAG_WINDOW) -> None:
+        self.reactor = reactor
+        self.interval = interval
+        self.window = window
+        self._loop: task.LoopingCall | None = None
+        self._last = 0.0
+        self._samples: collections.deque[tuple[float, float]] = collections.deque()
+        self.worst = 0.0  # since start, for the record
+
+    @property
+    def running(self) -> bool:
+        return self._loop is not None
+
+    def start(self) -> None:
+        if self._loop is None:
+            self._loop = task.LoopingCall(self._tick)
+            self._loop.clock = self.reactor
+            self._last = self.reactor.seconds()
+            self._loop.start(self.interval, now=False)
+
+    def stop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.running:
+            loop.stop()
+        self._samples.clear()
+
+    def _tick(self) -> None:
+        now = self.reactor.seconds()
+        lag = max(0.0, now - self._last - self.interval)
+        self._last = now
+        self.worst = max(self.worst, lag)
+        samples = self._samples
+        samples.append((now, lag))
+        while samples and samples[0][0] < now - self.window:
+            samples.popleft()
+
+    def current(self) -> float:
+        """The largest lag (seconds) measured in the last ``window`` seconds,
+        counting the time since the last tick beyond its due time (a reactor
+        stalled right now lags too)."""
+        if self._loop is None:
+            return 0.0
+        now = self.reactor.seconds()
+        pending = max(0.0, now - self._last - self.interval)
+        recent = max((lag for when, lag in self._samples if when >= now - self.window), default=0.0)
+        return max(recent, pending)
 
 
 class _ServiceCollector:
@@ -20,26 +92,47 @@ class _ServiceCollector:
 
     def collect(self) -> Iterator[Any]:
         stats = self.service.stats()
-        files, cache = stats["files"], stats["cache"]
+        files, cache = stats.get("files", {}), stats.get("cache", {})
         gauges = [
-            ("imgserver_queue_depth", "Requests waiting for a worker", stats["queued"]),
-            ("imgserver_in_processing", "Images being decoded, transformed or encoded", stats["in_processing"]),
-            ("imgserver_workers", "Worker threads", stats["workers"]),
-            ("imgserver_open_descriptors", "Files open in the loader", files["open"]),
-            ("imgserver_cache_bytes", "Bytes in the result cache", cache["bytes"]),
-            ("imgserver_cache_entries", "Entries in the result cache", cache["entries"]),
+            ("imgserver_queue_depth", "Requests waiting for a worker", stats.get("queued")),
+            ("imgserver_in_processing", "Images being decoded, transformed or encoded", stats.get("in_processing")),
+            ("imgserver_workers", "Worker threads", stats.get("workers")),
+            ("imgserver_streams", "Originals being streamed", stats.get("streams")),
+            ("imgserver_max_streams", "Originals that may be streamed at once", stats.get("max_streams")),
+            ("imgserver_memory_in_use_bytes", "Estimated memory of images admitted to processing",
+             stats.get("memory_in_use")),
+            ("imgserver_max_memory_bytes", "Memory budget of images in processing", stats.get("max_memory")),
+            ("imgserver_retry_after_seconds", "Retry-After a refused client is told now", stats.get("retry_after")),
+            ("imgserver_open_descriptors", "Files open in the loader", files.get("open")),
+            ("imgserver_cache_bytes", "Bytes in the result cache", cache.get("bytes")),
+            ("imgserver_cache_entries", "Entries in the result cache", cache.get("entries")),
         ]
         for name, doc, value in gauges:
-            yield GaugeMetricFamily(name, doc, value=value)
+            if value is not None:
+                yield GaugeMetricFamily(name, doc, value=value)
         counters = [
-            ("imgserver_cache_hits", "Result cache hits", cache["hits"]),
-            ("imgserver_cache_misses", "Result cache misses", cache["misses"]),
-            ("imgserver_rejected", "Requests refused because the queue was full", stats["rejected"]),
-            ("imgserver_coalesced", "Requests that shared another's processing", stats["coalesced"]),
-            ("imgserver_file_bytes", "Bytes loaded from files", files["bytes"]),
+            ("imgserver_cache_hits", "Result cache hits", cache.get("hits")),
+            ("imgserver_cache_misses", "Result cache misses", cache.get("misses")),
+            ("imgserver_rejected", "Requests refused because the queue was full", stats.get("rejected")),
+            ("imgserver_streams_rejected", "Originals refused because the streams lane was full",
+             stats.get("streams_rejected")),
+            ("imgserver_coalesced", "Requests that shared another's processing", stats.get("coalesced")),
+            ("imgserver_file_bytes", "Bytes loaded from files", files.get("bytes")),
         ]
         for name, doc, value in counters:
-            yield CounterMetricFamily(name, doc, value=value)
+            if value is not None:
+                yield CounterMetricFamily(name, doc, value=value)
+
+
+class _GaugeCollector:
+    """Gauges whose values are read from callables at scrape time."""
+
+    def __init__(self) -> None:
+        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+
+    def collect(self) -> Iterator[Any]:
+        for name, (doc, read) in list(self.gauges.items()):
+            yield GaugeMetricFamily(name, doc, value=read())
 
 
 class Metrics:
@@ -53,11 +146,30 @@ class Metrics:
             "imgserver_processing_seconds", "Time spent decoding, transforming and encoding one image",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=self.registry)
+        self.connections_refused = Counter(
+            "imgserver_connections_refused", "HTTP connections refused because max_connections were open",
+            registry=self.registry)
+        self.connections_dropped = Counter(
+            "imgserver_connections_dropped",
+            "HTTP connections the server closed: header_timeout, idle_timeout, send_timeout, "
+            "body_too_large, bad_request", ["reason"], registry=self.registry)
         self.registry.register(_ServiceCollector(service))
+        self._gauges = _GaugeCollector()
+        self.registry.register(self._gauges)
+        self.lag = LagMonitor(service.reactor)
+        self.gauge("imgserver_reactor_lag_seconds",
+                   f"Largest reactor lag measured in the last {LAG_WINDOW:g} s", self.lag.current)
         service.observe(lambda kind, seconds: self.processing.observe(seconds))
+
+    def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        """Export ``read()`` as the gauge ``name`` (read at scrape time)."""
+        self._gauges.gauges[name] = (doc, read)
 
     def count(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()
+
+    def dropped(self, reason: str) -> None:
+        self.connections_dropped.labels(reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -75,4 +187,5 @@ class MetricsResource(resource.Resource):
     def render_GET(self, request: Any) -> bytes:
         request.endpoint = "metrics"
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        request.setHeader(b"Cache-Control", b"no-store")
         return self.metrics.render()

@@ -1,16 +1,21 @@
 """Map a URL path to a file under the image root, refusing to leave the root.
 
-Two steps, split by whether they touch the file system:
+Percent-decoding happens here and nowhere else:
 
-* :func:`split_url_path` and :func:`resolve` are pure string functions (no
-  system calls): they percent-decode the raw URL path **once** and reject any
-  name that could climb out of the root or reach a hidden file.  Run them in
-  the reactor thread.
-* :func:`confine` also calls ``os.path.realpath`` (an ``lstat``, and a
-  ``readlink`` per symlink, for every component), which blocks on slow or
-  network file systems: run it in a worker thread.  It follows symlinks and
-  checks, with the pure :func:`check_inside`, that the target is still under
-  the real root.
+* :func:`split_url_path` takes the raw (still percent-encoded) URL path of a
+  request, decodes each segment **once** and rejects any name that could
+  climb out of the root or reach a hidden file.  The HTTP layer calls it and
+  hands the result on as a decoded ``str`` (:func:`join` of the segments).
+* :func:`split_decoded` applies the same name policy to a path that is
+  already decoded (Perspective Broker arguments, the service): it never
+  decodes, so the file ``%41.jpg`` stays ``%41.jpg``.
+
+Both are pure string functions (no system calls): run them in the reactor
+thread.  Opening is the I/O layer's job (asyncfile's confined open beneath the
+root: the kernel refuses ``..``, absolute paths and symlinks leading out).
+The older helpers remain for tools and tests: :func:`resolve` (pure join) and
+:func:`confine` (``os.path.realpath`` + :func:`check_inside`, blocking; it
+takes a *raw URL path* and decodes it itself, so never give it a decoded one).
 
 Which error, consistently:
 
@@ -44,6 +49,8 @@ from imgserver.errors import BadRequest, Forbidden, NotFound
 
 __all__ = [
     "split_url_path",
+    "split_decoded",
+    "join",
     "resolve",
     "check_inside",
     "confine",
@@ -76,13 +83,31 @@ def _check_segment(segment: str) -> None:
         raise NotFound("not found: name too long")
 
 
+def _check_segments(segments: list[str]) -> tuple[str, ...]:
+    total = 0
+    for segment in segments:
+        _check_segment(segment)
+        total += len(segment.encode("utf-8")) + 1
+    if total > MAX_PATH_BYTES:
+        raise NotFound("not found: path too long")
+    return tuple(segments)
+
+
 def split_url_path(url_path: str | bytes) -> tuple[str, ...]:
     """The decoded, validated segments of a raw (still percent-encoded) URL path.
 
     ``url_path`` is the path part of the request target, e.g. Twisted's
-    ``request.path``; a leading ``/`` is optional.  Pure: no system calls.
+    ``request.path``; a leading ``/`` is optional.  This is the one place a
+    path is percent-decoded: each segment exactly once.  Pure: no system calls.
+    Raises only BadRequest, Forbidden or NotFound.
     """
-    raw = url_path.encode("utf-8") if isinstance(url_path, str) else bytes(url_path)
+    if isinstance(url_path, str):
+        try:
+            raw = url_path.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: no URL decodes to it
+            raise BadRequest("path is not valid UTF-8") from None
+    else:
+        raw = bytes(url_path)
     # Checked on the raw form too: a literal NUL or backslash is never a name.
     if b"\0" in raw:
         raise Forbidden("forbidden path: control character")
@@ -98,18 +123,47 @@ def split_url_path(url_path: str | bytes) -> tuple[str, ...]:
         raise BadRequest("malformed percent-encoding in path")
 
     segments = []
-    total = 0
     for raw_segment in raw.split(b"/"):
         try:
             segment = unquote_to_bytes(raw_segment).decode("utf-8")
         except UnicodeDecodeError:
             raise BadRequest("path is not valid UTF-8") from None
         _check_segment(segment)
-        total += len(segment.encode("utf-8")) + 1
         segments.append(segment)
-    if total > MAX_PATH_BYTES:
+    return _check_segments(segments)
+
+
+def split_decoded(path: str) -> tuple[str, ...]:
+    """The validated segments of an already-decoded path (no decoding at all).
+
+    The same name policy as :func:`split_url_path` for a path that arrived
+    decoded (Perspective Broker, the service): ``"a%41.jpg"`` is the file
+    named ``a%41.jpg``.  A leading ``/`` is optional.  Pure.  Raises only
+    BadRequest (not text, or not encodable as UTF-8), Forbidden or NotFound;
+    ``join(split_decoded(p))`` is the canonical form of ``p``.
+    """
+    if not isinstance(path, str):
+        raise BadRequest("the path must be text")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("path is not valid UTF-8") from None
+    if "\0" in path:
+        raise Forbidden("forbidden path: control character")
+    if "\\" in path:
+        raise Forbidden("forbidden path: backslash")
+    if path.startswith("/"):
+        path = path[1:]
+    if not path:
+        raise NotFound("not found: no image named")
+    if len(path) > 3 * MAX_PATH_BYTES:  # cheap bound, as for a raw URL path
         raise NotFound("not found: path too long")
-    return tuple(segments)
+    return _check_segments(path.split("/"))
+
+
+def join(segments: tuple[str, ...] | list[str]) -> str:
+    """The decoded relative path of checked segments: ``'/'.join(segments)``."""
+    return "/".join(segments)
 
 
 def resolve(root: str, url_path: str | bytes) -> str:

@@ -1,53 +1,100 @@
 """The image pipeline, with admission control: what HTTP and PB both call.
 
-    locate (path checks, realpath, stat: in the I/O pool; remembered briefly)
-      → result cache            (a hit is answered here, in the reactor thread)
-      → heavy lane              (at most ``workers`` in processing, ``max_queue`` waiting,
-                                 beyond that Overloaded at once)
-          → asyncfile load      (bounded descriptors, never blocks the reactor)
-          → decode/transform/encode in ``workers`` threads
-      → cache → caller
+    open_image        one confined open beneath the root (asyncfile ``Root``:
+                      openat2 RESOLVE_BENEATH, or an O_NOFOLLOW walk) and the
+                      fstat of that descriptor → a ``Located``; everything
+                      about the answer (ETag, Last-Modified, Content-Length,
+                      content sniffing, loading, streaming) uses that one
+                      descriptor and that one fstat
+      original      → stream_original: from the descriptor, in the streams
+                      lane (``max_streams``; beyond it Overloaded at once)
+      transform/info→ result cache, keyed by (dev, inode, size, mtime_ns) and
+                      the canonical variant (a hit is answered here)
+                    → heavy lane (``workers`` at once, ``max_queue`` waiting,
+                      beyond that Overloaded at once)
+                    → load from the descriptor, at most max_file_bytes + 1
+                      bytes; the descriptor is closed right after
+                    → header (Pillow, no decoding) in a worker thread
+                    → memory budget (``max_memory_mb``): the header's estimate
+                      waits until it fits; one that can never fit is TooLarge
+                    → decode/transform/encode in a worker thread
+                    → cache → callers
+
+Only misses are remembered (``MISS_TTL``, at most ``MAX_MISSES`` names): a
+flood of requests for missing files does not reach the file system every
+time, and nothing that names an existing file outlives its replacement.
 
 Identical requests that arrive while one is in the heavy lane share it (one
 decode serves them all).  A caller that gives up (client gone, timeout)
-cancels its wait: queued work leaves the queue, a load in progress is
-cancelled; work already in a thread finishes (it cannot be interrupted) and
-keeps its place until then, so memory stays bounded by ``workers`` images.
+leaves; when no caller is left, queued work leaves the queue, a load in
+progress or a wait for memory is cancelled; work already in a thread
+finishes (it cannot be interrupted) and keeps its place in the heavy lane
+and its memory until then, so ``stats()``/``health()`` count it and memory
+stays bounded by what was admitted.
 
-Transport-agnostic: it knows nothing of HTTP or PB.
+Errors are :mod:`imgserver.errors` types: a missing, non-regular or
+unreadable file is NotFound (404; an unreadable file is not told apart from
+a missing one), a path leading out of the root Forbidden (403), any full
+queue Overloaded (503 with ``retry_after()``), and anything unexpected an
+InternalError that says nothing about paths (logged here).
+
+Transport-agnostic: it knows nothing of HTTP or PB (``BodyProducer`` writes a
+body into any Twisted ``IConsumer``).
 """
 
 from __future__ import annotations
 
 import errno
+import math
 import os
-import stat
 import threading
 import time
-from dataclasses import dataclass
+from collections import OrderedDict, deque
 from typing import Any, Callable
 
 from twisted.internet import defer, threads
+from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
-from asyncfile import FileLoader, IFileLoader, Limiter
+from asyncfile import ConsumerStopped, FileLoader, IFileLoader, Limiter, LoaderClosed, NotRegularFile, OutsideRoot
 from asyncfile import Overloaded as QueueFull
-from asyncfile.pool import IOPool
 
 from . import paths, processing
 from .cache import ResultCache
-from .errors import NotFound, Overloaded, TooLarge, UnsupportedImage
+from .errors import (
+    BadRequest,
+    Forbidden,
+    ImageServerError,
+    InternalError,
+    NotFound,
+    Overloaded,
+    TooLarge,
+)
 from .params import TransformSpec
 from .settings import Settings
 
-__all__ = ["ImageService", "Located", "sniff_content_type"]
+__all__ = ["ImageService", "Located", "BodyProducer", "MemoryBudget", "sniff_content_type"]
 
-#: How long a located path (realpath + stat) is trusted before it is looked up again.
-LOCATE_TTL = 1.0
-#: Bytes read from an original to tell its type before serving it.
+#: Bytes read from a file (through its descriptor) to tell its type.
 SNIFF_BYTES = 16
+#: How long a miss (ENOENT) is remembered, and how many at most.
+MISS_TTL = 1.0
+MAX_MISSES = 10_000
+#: Originals up to this many bytes are sent without a place in the streams
+#: lane: they are handed to the transport in one write, so they hold neither
+#: a descriptor nor a place while a slow client reads them.
+SMALL_ORIGINAL = 64 * 1024
+#: Bodies are written in slices of this size, as the transport drains.
+BODY_CHUNK = 64 * 1024
+#: Processing times remembered for ``retry_after``, and the guess before any.
+RECENT_SAMPLES = 64
+DEFAULT_PROCESSING_SECONDS = 0.25
+#: ``retry_after`` bounds, in seconds.
+MIN_RETRY_AFTER = 1
+MAX_RETRY_AFTER = 60
 
 _CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 
@@ -58,37 +105,259 @@ def sniff_content_type(head: bytes) -> str | None:
     return _CONTENT_TYPES.get(kind or "")
 
 
-@dataclass(frozen=True)
-class Located:
-    """A file under the root: its real path and what ``stat`` said."""
+# ---------------------------------------------------------------------------
+# One open file, shared by whoever needs its descriptor
 
-    url_path: str
-    real_path: str
-    size: int
-    mtime_ns: int
-    inode: int
+
+class _Shared:
+    """A FileHandle and the number of ``Located`` views still using it."""
+
+    __slots__ = ("handle", "refs", "closed")
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.refs = 1
+        self.closed: defer.Deferred[None] | None = None
+
+    def release(self) -> defer.Deferred[None]:
+        self.refs -= 1
+        if self.refs > 0:
+            return defer.succeed(None)
+        if self.closed is None:
+            self.closed = defer.Deferred()
+            self.handle.close().addBoth(lambda _: self.closed.callback(None))
+        done: defer.Deferred[None] = defer.Deferred()
+        self.closed.addBoth(lambda r: (done.callback(None), r)[1])
+        return done
+
+
+class Located:
+    """An image file open beneath the root: one descriptor and what its fstat said.
+
+    ``path`` is the decoded relative path; ``handle`` the asyncfile
+    ``FileHandle``; ``size``, ``mtime_ns``, ``inode``, ``dev`` come from the
+    fstat of that descriptor, so headers built from them describe exactly the
+    bytes loaded or streamed from it, however the path changes meanwhile.
+    ``content_type`` is sniffed from the first bytes through the same
+    descriptor (None: not an image we serve, or not sniffed).
+
+    Whoever gets a ``Located`` closes it (``close()``, idempotent) on every
+    path; ``share()`` hands out another view of the same descriptor, closed
+    independently (the descriptor closes with the last view).
+    """
+
+    __slots__ = ("path", "content_type", "size", "mtime_ns", "inode", "dev", "_shared", "_closed")
+
+    def __init__(self, path: str, shared: _Shared, content_type: str | None = None) -> None:
+        handle = shared.handle
+        self.path = path
+        self.content_type = content_type
+        self.size: int = handle.size
+        self.mtime_ns: int = handle.mtime_ns
+        self.inode: int = handle.ino
+        self.dev: int = handle.dev
+        self._shared = shared
+        self._closed = False
+
+    @property
+    def handle(self) -> Any:
+        if self._closed:
+            raise ValueError("the Located is closed")
+        return self._shared.handle
+
+    @property
+    def version(self) -> tuple[int, int, int, int]:
+        """(dev, inode, size, mtime_ns): what result-cache keys and ETags are made of."""
+        return (self.dev, self.inode, self.size, self.mtime_ns)
 
     @property
     def etag(self) -> str:
-        return f'"{self.inode:x}-{self.size:x}-{self.mtime_ns:x}"'
+        """A strong entity tag of the file's bytes, from its fstat."""
+        return f'"{self.dev:x}-{self.inode:x}-{self.size:x}-{self.mtime_ns:x}"'
 
     @property
-    def version(self) -> tuple[str, int, int]:
-        return (self.real_path, self.size, self.mtime_ns)
+    def mtime(self) -> float:
+        """Modification time in seconds (for Last-Modified)."""
+        return self.mtime_ns / 1e9
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def share(self) -> "Located":
+        """Another view of the same descriptor, to be closed on its own."""
+        if self._closed:
+            raise ValueError("the Located is closed")
+        self._shared.refs += 1
+        return Located(self.path, self._shared, self.content_type)
+
+    def close(self) -> defer.Deferred[None]:
+        """Let go of the descriptor (closed with the last view); idempotent.
+
+        Fires once this view is released (and the descriptor closed, if this
+        was the last view)."""
+        if self._closed:
+            return defer.succeed(None)
+        self._closed = True
+        return self._shared.release()
+
+    def __repr__(self) -> str:
+        return f"<Located {self.path!r} {self.etag}{' closed' if self._closed else ''}>"
 
 
-def _locate_blocking(root: str, url_path: str) -> Located:
-    """realpath + confinement + stat: may block, so it runs in the I/O pool."""
-    real = paths.confine(root, url_path)
-    try:
-        st = os.stat(real)
-    except (FileNotFoundError, NotADirectoryError):
-        raise NotFound("no such image") from None
-    except PermissionError:
-        raise NotFound("no such image") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise NotFound("no such image")
-    return Located(url_path, real, st.st_size, st.st_mtime_ns, st.st_ino)
+# ---------------------------------------------------------------------------
+# Memory admission
+
+
+class _Grant:
+    __slots__ = ("budget", "amount")
+
+    def __init__(self, budget: "MemoryBudget", amount: int) -> None:
+        self.budget = budget
+        self.amount = amount
+
+    def release(self) -> None:
+        amount, self.amount = self.amount, 0
+        if amount:
+            self.budget._release(amount)
+
+
+class MemoryBudget:
+    """A byte-counting semaphore with a cancellable FIFO of waiters.
+
+    ``acquire(n)`` fires with a grant (``release()`` it, idempotent) once
+    ``n`` bytes fit under ``limit``; first come first served, so a large
+    request is not starved by smaller ones behind it.  ``n > limit`` is a
+    ValueError: the caller refuses such work itself (TooLarge).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self.peak = 0
+        self._waiters: deque[tuple[int, defer.Deferred[_Grant]]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def acquire(self, amount: int) -> defer.Deferred[_Grant]:
+        if amount > self.limit:
+            raise ValueError(f"{amount} bytes can never fit in a budget of {self.limit}")
+        amount = max(0, int(amount))
+        if not self._waiters and self.in_use + amount <= self.limit:
+            return defer.succeed(self._grant(amount))
+
+        def cancel(d: defer.Deferred[_Grant]) -> None:
+            try:
+                self._waiters.remove((amount, d))
+            except ValueError:
+                return
+            self._drain()  # the head may have left: those behind it may fit now
+
+        d: defer.Deferred[_Grant] = defer.Deferred(cancel)
+        self._waiters.append((amount, d))
+        return d
+
+    def _grant(self, amount: int) -> _Grant:
+        self.in_use += amount
+        self.peak = max(self.peak, self.in_use)
+        return _Grant(self, amount)
+
+    def _release(self, amount: int) -> None:
+        self.in_use -= amount
+        self._drain()
+
+    def _drain(self) -> None:
+        while self._waiters and self.in_use + self._waiters[0][0] <= self.limit:
+            amount, d = self._waiters.popleft()
+            d.callback(self._grant(amount))
+
+
+# ---------------------------------------------------------------------------
+# Writing a (cached) body to a slow client without copying it
+
+
+@implementer(IPushProducer)
+class BodyProducer:
+    """Writes ``body`` into ``consumer`` in ``chunk``-byte slices, only as fast
+    as the consumer takes them (a push producer it can pause).
+
+    A transport copies what it is given into its own buffer; written whole, a
+    cached 5 MB body would be copied once per slow client.  In slices, each
+    client holds at most about one slice beyond the transport's buffer, and
+    the body itself is shared.  ``start()`` returns a Deferred firing with the
+    byte count once everything was written, or failing with
+    ``ConsumerStopped`` if the consumer stopped it (a client gone).  The
+    consumer is not finished: the caller decides what comes after.
+    """
+
+    def __init__(self, consumer: IConsumer, body: bytes, chunk: int = BODY_CHUNK) -> None:
+        self.consumer = consumer
+        self._view: memoryview | None = memoryview(body)
+        self._size = len(self._view)
+        self.chunk = chunk
+        self.sent = 0
+        self._paused = False
+        self._writing = False
+        self.done: defer.Deferred[int] = defer.Deferred()
+
+    def start(self) -> defer.Deferred[int]:
+        self.consumer.registerProducer(self, True)
+        self._write()
+        return self.done
+
+    def _write(self) -> None:
+        if self._writing:
+            return
+        self._writing = True
+        try:
+            while not self._paused and self._view is not None and self.sent < self._size:
+                end = min(self.sent + self.chunk, self._size)
+                data = bytes(self._view[self.sent:end])
+                self.sent = end
+                self.consumer.write(data)  # may pause us (or stop us) right here
+        finally:
+            self._writing = False
+        if self._view is not None and self.sent >= self._size:
+            self._end(None)
+
+    def _end(self, failure: Failure | None) -> None:
+        view, self._view = self._view, None
+        if view is None:
+            return
+        view.release()
+        try:
+            self.consumer.unregisterProducer()
+        except Exception:
+            pass
+        if failure is None:
+            self.done.callback(self.sent)
+        else:
+            self.done.errback(failure)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._write()
+
+    def stopProducing(self) -> None:
+        self._end(Failure(ConsumerStopped(self.sent)))
+
+
+def write_body(consumer: IConsumer, body: bytes) -> defer.Deferred[int]:
+    """Write ``body`` into ``consumer``: at once if small, else with a ``BodyProducer``."""
+    if len(body) <= BODY_CHUNK:
+        if body:
+            consumer.write(body)
+        return defer.succeed(len(body))
+    return BodyProducer(consumer, body).start()
+
+
+# ---------------------------------------------------------------------------
+# Worker threads
 
 
 #: Nice value of the worker threads (Linux sets it per thread): decodes yield
@@ -99,14 +368,14 @@ WORKER_NICE = 10
 _lowered = threading.local()
 
 
-def _in_worker(run: Callable[[bytes], Any], data: bytes) -> Any:
+def _in_worker(run: Callable[..., Any], *args: Any) -> Any:
     if not getattr(_lowered, "done", False):
         _lowered.done = True
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
         except (AttributeError, OSError):
             pass  # not Linux, or not allowed: run at normal priority
-    return run(data)
+    return run(*args)
 
 
 class _Flight:
@@ -116,10 +385,14 @@ class _Flight:
         self.waiters: list[defer.Deferred[Any]] = []
         self.work: defer.Deferred[Any] | None = None
         self.in_thread = False
+        self.cacheable = True
+
+
+_NOT_FOUND_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP})
 
 
 class ImageService:
-    """Runs image requests with bounded work, bounded waiting and a result cache."""
+    """Runs image requests with bounded work, bounded waiting, bounded memory and a result cache."""
 
     log = Logger()
 
@@ -130,46 +403,144 @@ class ImageService:
             reactor = default_reactor
         self.settings = settings
         self.reactor = reactor
-        self.root = settings.image_root
+        self.root_path = settings.image_root
+        # Places for every handle the service can hold at once without
+        # waiting: one per request in the heavy lane (running or queued),
+        # one per original being streamed, and room for short opens (cache
+        # hits, 304s, sniffing) beside them.
+        max_open = settings.workers + settings.max_queue + settings.max_streams + 64
         self.loader = loader if loader is not None else FileLoader(
-            reactor, max_open=64, max_waiting=max(1024, 4 * settings.max_queue))
+            reactor, max_open=max_open, max_waiting=max(1024, 4 * max_open))
         self.heavy = Limiter(settings.workers, settings.max_queue)
+        self.streams = Limiter(settings.max_streams, 0)
+        self.memory = MemoryBudget(settings.max_memory_bytes)
         self.cache = ResultCache(settings.cache_bytes)
-        self.meta_pool = IOPool(reactor, max_threads=8, name="imgserver-meta")
         self.pool = ThreadPool(settings.workers, settings.workers, name="imgserver-work")
         self._clock = clock
-        self._located: dict[str, tuple[float, Located]] = {}
+        self._root: Any = None
+        self._root_opening: defer.Deferred[Any] | None = None
+        self._root_waiters: list[defer.Deferred[Any]] = []
+        self._root_failed_at: float | None = None
+        self._misses: OrderedDict[str, float] = OrderedDict()
         self._flights: dict[Any, _Flight] = {}
         self.in_processing = 0
         self.served = 0
         self.coalesced = 0
-        self.rejected_early = 0
-        self.processing_seconds: list[float] = []  # recent samples, for tests and stats
+        self.streams_rejected = 0
+        self.files_rejected = 0
+        self.misses_answered = 0
+        self.processing_seconds: deque[float] = deque(maxlen=RECENT_SAMPLES)
         self._observers: list[Callable[[str, float], None]] = []
         self._started = False
+        self._stopped = False
         self._trigger: Any = None
 
     # -- life cycle -----------------------------------------------------
-    def start(self) -> None:
-        if not self._started:
-            self._started = True
-            self.pool.start()
-            self._trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+    def start(self) -> defer.Deferred[None]:
+        """Start the workers, configure Pillow's limits, open the image root.
 
-    def stop(self) -> None:
+        The returned Deferred fires once the root is open (or could not be:
+        then a warning is logged, requests answer 404 and the root is tried
+        again at most once per ``MISS_TTL``).  Requests that arrive before
+        wait for it, so callers need not wait.
+        """
         if self._started:
-            self._started = False
-            if self._trigger is not None:
-                # Stopped before the reactor: the reactor must not keep the
-                # service (and its result cache) alive until it shuts down.
-                try:
-                    self.reactor.removeSystemEventTrigger(self._trigger)
-                except (ValueError, KeyError, TypeError):
-                    pass  # already running it: the reactor is shutting down
-                self._trigger = None
-            self.pool.stop()
-            self.meta_pool.stop()
-            self.loader.close()
+            return self._root_ready()
+        self._started = True
+        processing.configure_pillow(self.settings.max_pixels)
+        self.pool.start()
+        self._trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+        self._open_root()
+        return self._root_ready()
+
+    def _open_root(self) -> None:
+        self._root_failed_at = None
+        d = self._root_opening = self.loader.open_root(self.root_path)
+
+        def opened(root: Any) -> None:
+            self._root_opening = None
+            if self._stopped:
+                root.close()
+                return
+            self._root = root
+            self._wake_root_waiters(root)
+
+        def failed(failure: Failure) -> None:
+            self._root_opening = None
+            self._root_failed_at = self._clock()
+            self.log.warn("cannot open the image root {root}: {error}", root=self.root_path,
+                          error=failure.getErrorMessage())
+            self._wake_root_waiters(failure)
+
+        d.addCallbacks(opened, failed)
+
+    def _wake_root_waiters(self, outcome: Any) -> None:
+        waiters, self._root_waiters = self._root_waiters, []
+        for w in waiters:
+            if not w.called:
+                if isinstance(outcome, Failure):
+                    w.errback(outcome)
+                else:
+                    w.callback(outcome)
+
+    def _root_ready(self) -> defer.Deferred[None]:
+        d = self._get_root()
+        d.addCallbacks(lambda _: None, lambda _: None)
+        return d
+
+    def _get_root(self) -> defer.Deferred[Any]:
+        """The open Root, waiting for it if it is being opened."""
+        if self._root is not None:
+            return defer.succeed(self._root)
+        if self._stopped:
+            return defer.fail(LoaderClosed())
+        if not self._started:
+            self.start()
+            if self._root is not None:
+                return defer.succeed(self._root)
+        if self._root_opening is None:
+            failed_at = self._root_failed_at
+            if failed_at is not None and self._clock() - failed_at < MISS_TTL:
+                return defer.fail(FileNotFoundError(errno.ENOENT, "the image root is not available"))
+            self._open_root()
+            if self._root is not None:
+                return defer.succeed(self._root)
+            if self._root_opening is None:  # failed at once
+                return defer.fail(FileNotFoundError(errno.ENOENT, "the image root is not available"))
+        waiter: defer.Deferred[Any] = defer.Deferred(lambda d: self._root_waiters.remove(d)
+                                                     if d in self._root_waiters else None)
+        self._root_waiters.append(waiter)
+        return waiter
+
+    def stop(self) -> defer.Deferred[None]:
+        """Stop the workers (waits for running work), close every file and the root.
+
+        The Deferred fires once the loader closed its descriptors."""
+        if not self._started or self._stopped:
+            return defer.succeed(None)
+        self._stopped = True
+        if self._trigger is not None:
+            # Stopped before the reactor: the reactor must not keep the
+            # service (and its result cache) alive until it shuts down.
+            try:
+                self.reactor.removeSystemEventTrigger(self._trigger)
+            except (ValueError, KeyError, TypeError):
+                pass  # already running it: the reactor is shutting down
+            self._trigger = None
+        self.pool.stop()
+        closing = self.loader.close()
+        if not isinstance(closing, defer.Deferred):
+            closing = defer.succeed(None)
+
+        def close_root(_: Any) -> None:
+            # After the loader: an open still running off-thread uses the
+            # root's descriptor until then.
+            root, self._root = self._root, None
+            if root is not None:
+                root.close()
+
+        closing.addBoth(close_root)
+        return closing
 
     def busy(self) -> int:
         """Requests in the heavy lane (waiting or in processing)."""
@@ -179,106 +550,192 @@ class ImageService:
         """Call ``f(kind, seconds)`` after each processing (for metrics)."""
         self._observers.append(f)
 
-    # -- locating ---------------------------------------------------------
-    def locate(self, url_path: str | bytes) -> defer.Deferred[Located]:
-        """Where ``url_path`` is, checked: NotFound, Forbidden or BadRequest otherwise.
+    # -- opening ------------------------------------------------------------
+    @staticmethod
+    def _relative(path: str | bytes) -> str:
+        """The checked relative path (name policy of ``paths.split_decoded``; no decoding)."""
+        if isinstance(path, (bytes, bytearray)):
+            try:
+                path = bytes(path).decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadRequest("path is not valid UTF-8") from None
+        if not isinstance(path, str):
+            raise BadRequest("path must be text")
+        return "/".join(paths.split_decoded(path))
 
-        Name checks are pure and immediate; realpath and stat run in the I/O
-        pool (they block on slow file systems) and are remembered for
-        ``LOCATE_TTL`` seconds so that cache hits need no thread.
+    def _file_error(self, failure: Failure, path: str) -> Failure:
+        """The imgserver error for a failure of an open, a load or a stream."""
+        e = failure.value
+        if isinstance(e, (ImageServerError, defer.CancelledError, ConsumerStopped)):
+            return failure
+        if isinstance(e, QueueFull):
+            self.files_rejected += 1
+            return Failure(Overloaded("too many files open; try again shortly",
+                                      retry_after=self.retry_after()))
+        if isinstance(e, LoaderClosed):
+            return Failure(Overloaded("the server is stopping", retry_after=self.retry_after()))
+        if isinstance(e, OutsideRoot):
+            return Failure(Forbidden("forbidden path: leads outside the image root"))
+        if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, NotRegularFile)):
+            return Failure(NotFound("no such image"))
+        if isinstance(e, PermissionError):
+            # Unreadable: told apart from a missing file by nobody.
+            return Failure(NotFound("no such image"))
+        if isinstance(e, OSError) and e.errno in _NOT_FOUND_ERRNOS:
+            return Failure(NotFound("no such image"))
+        errno_name = errno.errorcode.get(getattr(e, "errno", None) or 0, "")
+        self.log.error("unexpected {kind} {errno} reading an image", kind=type(e).__name__, errno=errno_name)
+        return Failure(InternalError("internal error"))
+
+    def _remember_miss(self, rel: str) -> None:
+        misses = self._misses
+        misses.pop(rel, None)
+        misses[rel] = self._clock() + MISS_TTL
+        while len(misses) > MAX_MISSES:
+            misses.popitem(last=False)
+
+    def _known_missing(self, rel: str) -> bool:
+        expiry = self._misses.get(rel)
+        if expiry is None:
+            return False
+        if expiry > self._clock():
+            return True
+        del self._misses[rel]
+        return False
+
+    def open_image(self, path: str | bytes, *, sniff: bool = True) -> defer.Deferred[Located]:
+        """Open the image at ``path`` (decoded, relative to the root): a ``Located``.
+
+        One descriptor, opened beneath the root (the kernel refuses escapes),
+        its fstat, and (``sniff``) its content type from its first bytes
+        through the same descriptor.  The caller closes the Located.  Fails
+        with NotFound, Forbidden, BadRequest or Overloaded.
         """
         try:
-            segments = paths.split_url_path(url_path)
+            rel = self._relative(path)
         except Exception:
             return defer.fail()
-        key = "/".join(segments)
-        now = self._clock()
-        known = self._located.get(key)
-        if known is not None and known[0] > now:
-            return defer.succeed(known[1])
+        if self._known_missing(rel):
+            self.misses_answered += 1
+            return defer.fail(NotFound("no such image"))
+        return defer.Deferred.fromCoroutine(self._open(rel, sniff))
 
-        def remember(located: Located) -> Located:
-            if len(self._located) > 10000:
-                self._located.clear()
-            self._located[key] = (self._clock() + LOCATE_TTL, located)
-            return located
-
-        return self.meta_pool.run(_locate_blocking, self.root, key).addCallback(remember)
-
-    # -- requests ---------------------------------------------------------
-    def transform(self, url_path: str | bytes, spec: TransformSpec) -> defer.Deferred[processing.Result]:
-        """The image at ``url_path`` transformed by ``spec``."""
-        max_pixels = self.settings.max_pixels
-
-        def run(data: bytes) -> processing.Result:
-            return processing.transform(data, spec, max_pixels)
-
-        return self._cached(url_path, spec.cache_key(), run)
-
-    def info(self, url_path: str | bytes) -> defer.Deferred[dict[str, Any]]:
-        """Width, height, format, mode and bytes of the image at ``url_path``."""
-        max_pixels = self.settings.max_pixels
-
-        def run(data: bytes) -> dict[str, Any]:
-            processing.probe(data, max_pixels)  # refuses non-images and bombs
-            return processing.info(data)
-
-        return self._cached(url_path, "info", run)
-
-    def original(self, url_path: str | bytes) -> defer.Deferred[tuple[Located, str]]:
-        """The file to send as it is, and its Content-Type (from its first bytes)."""
-        async def go() -> tuple[Located, str]:
-            located = await self.locate(url_path)
-            self._check_size(located)
-            head = await self.loader.load(located.real_path, 0, SNIFF_BYTES)
-            content_type = sniff_content_type(head)
-            if content_type is None:
-                raise UnsupportedImage("not an image this server serves")
-            return located, content_type
-
-        return defer.Deferred.fromCoroutine(go())
-
-    def _heavy_full(self) -> bool:
-        heavy = self.heavy
-        return heavy.active >= heavy.limit and heavy.max_waiting is not None and heavy.waiting >= heavy.max_waiting
-
-    def _recently_located(self, url_path: str | bytes) -> bool:
+    async def _open(self, rel: str, sniff: bool) -> Located:
         try:
-            key = "/".join(paths.split_url_path(url_path))
-        except Exception:
-            return False
-        known = self._located.get(key)
-        return known is not None and known[0] > self._clock()
+            root = await self._get_root()
+            handle = await self.loader.open(rel, root=root)
+        except BaseException:
+            failure = Failure()
+            if failure.check(FileNotFoundError):
+                self._remember_miss(rel)
+            failure = self._file_error(failure, rel)
+            failure.raiseException()
+        located = Located(rel, _Shared(handle))
+        if sniff:
+            try:
+                head = await self.loader.load(handle, 0, SNIFF_BYTES)
+            except BaseException:
+                failure = self._file_error(Failure(), rel)
+                located.close()
+                failure.raiseException()
+            located.content_type = sniff_content_type(head)
+        return located
 
-    def _check_size(self, located: Located) -> None:
+    def check_size(self, located: Located) -> None:
+        """TooLarge if the file (by its fstat) is over ``max_file_mb``."""
         if located.size > self.settings.max_file_bytes:
-            raise TooLarge(f"the image is over {self.settings.max_file_mb} MB")
+            raise TooLarge(f"the image is over {self.settings.max_file_mb:g} MB")
 
-    def _cached(self, url_path: str | bytes, variant: str,
-                run: Callable[[bytes], Any]) -> defer.Deferred[Any]:
-        if self._heavy_full() and not self._recently_located(url_path):
-            # Busy, and no cached answer can be known without a lookup in the
-            # I/O pool: say so at once (the cheapest answer during a burst).
-            self.rejected_early += 1
-            return defer.fail(Overloaded("too many images in processing; try again shortly",
-                                         retry_after=1))
+    # -- originals ------------------------------------------------------------
+    def reserve_stream(self, length: int) -> Any:
+        """A place in the streams lane for sending ``length`` bytes (None: a
+        small answer needs none); Overloaded at once when the lane is full.
+        Give it to ``stream_original`` (which releases it) or ``release()`` it."""
+        if length <= SMALL_ORIGINAL:
+            return None
+        slot = self.streams.try_acquire()
+        if slot is None:
+            self.streams_rejected += 1
+            raise Overloaded("too many originals are being sent; try again shortly",
+                             retry_after=self.retry_after())
+        return slot
 
+    def stream_original(self, located: Located, consumer: IConsumer, offset: int, length: int,
+                        place: Any = False) -> defer.Deferred[int]:
+        """Stream ``length`` bytes from ``offset`` of the located file into ``consumer``.
+
+        From the Located's descriptor, through asyncfile (a push producer that
+        honours pauses); in the streams lane (``max_streams``, beyond it
+        Overloaded at once) unless ``length <= SMALL_ORIGINAL`` or a
+        ``place`` from ``reserve_stream`` is given.  Fires with the bytes
+        written; fails with ``ConsumerStopped`` if the client went away.
+        """
+        if place is False:
+            try:
+                place = self.reserve_stream(length)
+            except Overloaded:
+                return defer.fail()
+        try:
+            d = self.loader.stream(located.handle, consumer, offset, length)
+        except BaseException:
+            d = defer.fail()
+
+        def done(result: Any) -> Any:
+            if place is not None:
+                place.release()
+            if isinstance(result, Failure):
+                return self._file_error(result, located.path)
+            return result
+
+        return d.addBoth(done)
+
+    # -- transforms and info ------------------------------------------------------
+    def transform(self, path: str | bytes, spec: TransformSpec) -> defer.Deferred[processing.Result]:
+        """The image at ``path`` (decoded) transformed by ``spec``."""
+        return self._with_located(path, lambda located: self.transform_located(located, spec))
+
+    def info(self, path: str | bytes) -> defer.Deferred[dict[str, Any]]:
+        """Width, height, format, mode and bytes of the image at ``path`` (decoded)."""
+        return self._with_located(path, self.info_located)
+
+    def _with_located(self, path: str | bytes, then: Callable[[Located], defer.Deferred[Any]]) -> defer.Deferred[Any]:
         async def go() -> Any:
-            located = await self.locate(url_path)
-            key = (located.version, variant)
-            hit = self.cache.get(key)
-            if hit is not None:
-                return hit
-            self._check_size(located)
-            return await self._join(key, located, run)
+            located = await self.open_image(path, sniff=False)
+            try:
+                pending = then(located)
+            finally:
+                located.close()  # the work holds its own view of the descriptor
+            return await pending
 
         return defer.Deferred.fromCoroutine(go())
 
-    def _join(self, key: Any, located: Located, run: Callable[[bytes], Any]) -> defer.Deferred[Any]:
+    def transform_located(self, located: Located, spec: TransformSpec) -> defer.Deferred[processing.Result]:
+        """``spec`` applied to an open image (its descriptor, its version)."""
+        return self._cached(located, ("transform", spec.cache_key()), spec)
+
+    def info_located(self, located: Located) -> defer.Deferred[dict[str, Any]]:
+        """The /info document of an open image (a copy: callers may change it)."""
+        return self._cached(located, ("info",), None).addCallback(dict)
+
+    def _cached(self, located: Located, variant: Any, spec: TransformSpec | None) -> defer.Deferred[Any]:
+        key = (located.version, variant)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return defer.succeed(hit)
+        try:
+            self.check_size(located)
+            return self._join(key, located, spec)
+        except Exception:  # TooLarge; a closed Located (a caller's bug)
+            return defer.fail()
+
+    def _join(self, key: Any, located: Located, spec: TransformSpec | None) -> defer.Deferred[Any]:
         """Wait for the heavy work for ``key``, starting it if no one has."""
         flight = self._flights.get(key)
         start = flight is None
         if start:
+            # The work's own view of the descriptor: a caller that leaves
+            # closes its view, not the one the work loads from.
+            own = located.share()
             flight = _Flight()
             self._flights[key] = flight
         else:
@@ -293,14 +750,14 @@ class ImageService:
         waiter: defer.Deferred[Any] = defer.Deferred(leave)
         flight.waiters.append(waiter)
         if start:  # after the waiter joined: the work may finish at once (Overloaded)
-            flight.work = defer.Deferred.fromCoroutine(self._heavy_work(flight, located, run))
+            flight.work = defer.Deferred.fromCoroutine(self._heavy_work(flight, own, spec))
             flight.work.addBoth(self._land, key, flight)
         return waiter
 
     def _land(self, outcome: Any, key: Any, flight: _Flight) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
-        if not isinstance(outcome, Failure) and self.settings.cache_bytes:
+        if not isinstance(outcome, Failure) and flight.cacheable and self.settings.cache_bytes:
             self.cache.put(key, outcome)
         waiters, flight.waiters = flight.waiters, []
         for waiter in waiters:
@@ -311,47 +768,140 @@ class ImageService:
             else:
                 waiter.callback(outcome)
 
-    async def _heavy_work(self, flight: _Flight, located: Located, run: Callable[[bytes], Any]) -> Any:
+    async def _in_thread(self, flight: _Flight, run: Callable[..., Any], *args: Any,
+                         last_step: bool = False) -> Any:
+        """``run(*args)`` in a worker thread.
+
+        The caller's place stays taken while the thread runs, whether or not
+        anyone still waits.  If no caller is left when it ends, the work stops
+        there (CancelledError), unless this was the ``last_step``: its result
+        is then still cached, so a client that timed out finds it on retry.
+        """
+        flight.in_thread = True
+        self.in_processing += 1
         try:
-            slot = await self.heavy.acquire()
-        except QueueFull:
-            raise Overloaded("too many images in processing; try again shortly",
-                             retry_after=1) from None
-        try:
-            data = await self.loader.load(located.real_path)
-            if len(data) > self.settings.max_file_bytes:
-                raise TooLarge(f"the image is over {self.settings.max_file_mb} MB")
-            flight.in_thread = True
-            self.in_processing += 1
-            started = time.perf_counter()
-            try:
-                result = await threads.deferToThreadPool(self.reactor, self.pool, _in_worker, run, data)
-            finally:
-                self.in_processing -= 1
-                flight.in_thread = False
-            elapsed = time.perf_counter() - started
-            self.served += 1
-            for observe in self._observers:
-                observe("transform", elapsed)
-            return result
-        except OSError as e:
-            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
-                raise NotFound("no such image") from None
-            raise
+            result = await threads.deferToThreadPool(self.reactor, self.pool, _in_worker, run, *args)
         finally:
-            slot.release()
+            self.in_processing -= 1
+            flight.in_thread = False
+        if not flight.waiters and not last_step:
+            raise defer.CancelledError("no caller is left")
+        return result
+
+    async def _heavy_work(self, flight: _Flight, located: Located, spec: TransformSpec | None) -> Any:
+        settings = self.settings
+        try:
+            try:
+                slot = await self.heavy.acquire()
+            except QueueFull:
+                raise Overloaded("too many images in processing; try again shortly",
+                                 retry_after=self.retry_after()) from None
+            try:
+                started = time.perf_counter()
+                try:
+                    data = await self.loader.load(located.handle, 0, settings.max_file_bytes + 1)
+                except BaseException:
+                    self._file_error(Failure(), located.path).raiseException()
+                finally:
+                    located.close()  # the bytes are in memory: the descriptor is not needed
+                if len(data) > settings.max_file_bytes:
+                    raise TooLarge(f"the image is over {settings.max_file_mb:g} MB")
+                if len(data) != located.size:
+                    flight.cacheable = False  # changed in place since its fstat: not its version's bytes
+                if spec is None:
+                    result = await self._in_thread(flight, _info, data, settings.max_pixels, last_step=True)
+                else:
+                    header = await self._in_thread(flight, processing.read_header, data, settings.max_pixels)
+                    need = processing.estimate_bytes(header, spec, settings.max_output_pixels)
+                    if need > self.memory.limit:
+                        raise TooLarge(
+                            f"the image needs about {math.ceil(need / 2**20)} MiB to process, over the "
+                            f"server's memory budget of {self.memory.limit // 2**20} MiB")
+                    grant = await self.memory.acquire(need)
+                    try:
+                        result = await self._in_thread(
+                            flight, processing.transform, data, spec, settings.max_pixels,
+                            settings.max_output_pixels, last_step=True)
+                    finally:
+                        grant.release()
+                elapsed = time.perf_counter() - started
+                self.served += 1
+                self.processing_seconds.append(elapsed)
+                for observe in self._observers:
+                    observe("info" if spec is None else "transform", elapsed)
+                return result
+            finally:
+                slot.release()
+        finally:
+            located.close()
+
+    # -- load -----------------------------------------------------------------------
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: the heavy lane's depth times
+        the recent mean processing time, over the workers; 1..60."""
+        samples = self.processing_seconds
+        mean = sum(samples) / len(samples) if samples else DEFAULT_PROCESSING_SECONDS
+        depth = self.heavy.active + self.heavy.waiting
+        seconds = depth * mean / self.settings.workers
+        return max(MIN_RETRY_AFTER, min(MAX_RETRY_AFTER, math.ceil(seconds)))
+
+    def health(self) -> dict[str, Any]:
+        """Whether every lane has room: "ok", or "degraded" with the reasons."""
+        heavy, streams, memory = self.heavy, self.streams, self.memory
+        reasons = []
+        if heavy.active >= heavy.limit and heavy.max_waiting is not None and heavy.waiting >= heavy.max_waiting:
+            reasons.append("processing lane full")
+        if streams.active >= streams.limit:
+            reasons.append("streams lane full")
+        files = self.loader.stats()
+        max_waiting = files.get("max_waiting")
+        if files.get("active", 0) >= files.get("max_open", 1) and max_waiting is not None \
+                and files.get("waiting", 0) >= max_waiting:
+            reasons.append("file loader full")
+        return {
+            "status": "degraded" if reasons else "ok",
+            "reasons": reasons,
+            "in_processing": self.in_processing,
+            "queued": heavy.waiting,
+            "max_queue": heavy.max_waiting,
+            "streams": streams.active,
+            "max_streams": streams.limit,
+            "memory_in_use": memory.in_use,
+            "max_memory": memory.limit,
+        }
 
     def stats(self) -> dict[str, Any]:
         heavy = self.heavy.stats()
         return {
             "workers": self.settings.workers,
             "in_processing": self.in_processing,
+            "abandoned": self._abandoned_now(),
             "heavy_active": heavy["active"],
             "queued": heavy["waiting"],
             "max_queue": heavy["max_waiting"],
-            "rejected": heavy["rejected"] + self.rejected_early,
+            "rejected": heavy["rejected"],
             "processed": self.served,
             "coalesced": self.coalesced,
+            "streams": self.streams.active,
+            "max_streams": self.streams.limit,
+            "streams_rejected": self.streams_rejected,
+            "files_rejected": self.files_rejected,
+            "memory_in_use": self.memory.in_use,
+            "memory_waiting": self.memory.waiting,
+            "max_memory": self.memory.limit,
+            "memory_peak": self.memory.peak,
+            "misses_remembered": len(self._misses),
+            "misses_answered": self.misses_answered,
+            "retry_after": self.retry_after(),
             "cache": self.cache.stats(),
             "files": self.loader.stats(),
         }
+
+    def _abandoned_now(self) -> int:
+        """Flights whose callers all left while their work runs in a thread."""
+        return sum(1 for f in self._flights.values() if f.in_thread and not f.waiters)
+
+
+def _info(data: bytes, max_pixels: int) -> dict[str, Any]:
+    """The /info document (header only; refuses non-images and bombs over ``max_pixels``)."""
+    return processing.info(data, max_pixels)

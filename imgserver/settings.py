@@ -129,11 +129,12 @@ class Settings:
     )
     max_connections: int = field(
         default=1024,
-        metadata=_help("HTTP connections open at once; beyond it new ones are closed at once."),
+        metadata=_help("HTTP connections open at once; beyond it a new one gets 503 (Retry-After: 1) and is "
+            "closed. PB connections are capped by the same number, counted separately."),
     )
     header_timeout: float = field(
         default=10.0,
-        metadata=_help("Seconds a client may take to send a request's line and headers."),
+        metadata=_help("Seconds a client may take to send a request's line and headers (PB: to log in)."),
     )
     idle_timeout: float = field(
         default=60.0,
@@ -143,7 +144,8 @@ class Settings:
         default=30.0,
         metadata=_help(
             "Seconds a response may go without the client accepting any of its bytes; "
-            "then the connection is dropped and its file closed."
+            "then the connection is dropped and its file closed (PB: a client whose unread "
+            "answers stay over 64 KiB this long)."
         ),
     )
     max_streams: int = field(

@@ -7,12 +7,16 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from .cli import DEFAULT_GRACE, DEFAULT_HTTP, DEFAULT_PB, _OPTION_FOR, Server
 from .settings import Settings
 
 __all__ = ["Options", "ImageServerService", "make_service"]
+
+_log = Logger(namespace="imgserver")
 
 
 class Options(usage.Options):
@@ -20,7 +24,8 @@ class Options(usage.Options):
 
     optParameters: list[list[Any]] = [
         ["http", None, DEFAULT_HTTP, "HTTP endpoint ('none' to disable)"],
-        ["pb", None, DEFAULT_PB, "Perspective Broker endpoint ('none' to disable)"],
+        ["pb", None, DEFAULT_PB, "Perspective Broker endpoint ('none' to disable); without a "
+         "secret only loopback or a UNIX socket"],
         ["grace", None, DEFAULT_GRACE, "seconds work in flight may take to finish at shutdown", float],
     ]
     _help = Settings.help()
@@ -35,6 +40,13 @@ class Options(usage.Options):
             self["settings"] = Settings(**{k: v for k, v in given.items() if v is not None})
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+        if self["pb"] and self["pb"] != "none":
+            from .pb import ExposedWithoutSecret, check_exposure
+
+            try:
+                check_exposure(self["pb"], self["settings"].secret)
+            except ExposedWithoutSecret as e:
+                raise usage.UsageError(str(e)) from None
 
 
 class ImageServerService(service.Service):
@@ -49,7 +61,22 @@ class ImageServerService(service.Service):
 
     def startService(self) -> defer.Deferred[None]:
         super().startService()
-        return defer.Deferred.fromCoroutine(self.server.listen(self.http, self.pb))
+        d = defer.Deferred.fromCoroutine(self.server.listen(self.http, self.pb))
+        return d.addErrback(self._could_not_listen)
+
+    def _could_not_listen(self, failure: Failure) -> None:
+        """twistd ignores startService's Deferred: say why and stop rather than half-serve."""
+        from .pb import ExposedWithoutSecret
+
+        if failure.check(ExposedWithoutSecret):
+            _log.critical("{message}", message=str(failure.value))
+        else:
+            _log.failure("imgserver could not start listening", failure)
+        reactor = self.server.reactor
+        if reactor.running:
+            reactor.stop()
+        else:  # twistd starts services before it runs the reactor
+            reactor.callWhenRunning(reactor.stop)
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()

@@ -10,12 +10,22 @@ class Value:
     body: bytes
 
 
+def body_len(value) -> int:
+    """Counts bodies only, so the LRU logic can be checked with round numbers
+    (the real sizes, with overheads, are tested in test_img_service_hardening)."""
+    return len(getattr(value, "body", value))
+
+
+def make(max_bytes: int) -> ResultCache:
+    return ResultCache(max_bytes, size_of=body_len)
+
+
 def v(size: int) -> Value:
     return Value(b"x" * size)
 
 
 def test_get_put_and_stats():
-    cache = ResultCache(100)
+    cache = make(100)
     assert cache.get("a") is None
     assert cache.put("a", v(10))
     assert cache.get("a").body == b"x" * 10
@@ -31,7 +41,7 @@ def test_get_put_and_stats():
 
 
 def test_lru_eviction_order():
-    cache = ResultCache(30)
+    cache = make(30)
     for key in "abc":
         cache.put(key, v(10))
     cache.get("a")  # a is now the most recently used; b the least
@@ -43,7 +53,7 @@ def test_lru_eviction_order():
 
 
 def test_eviction_frees_enough_bytes():
-    cache = ResultCache(100)
+    cache = make(100)
     for key in "abcde":
         cache.put(key, v(20))
     cache.put("big", v(70))  # needs 70: evicts a, b, c, d (20 each) -> 20 + 70
@@ -54,7 +64,7 @@ def test_eviction_frees_enough_bytes():
 
 
 def test_contains_does_not_count_or_refresh():
-    cache = ResultCache(20)
+    cache = make(20)
     cache.put("a", v(10))
     cache.put("b", v(10))
     assert "a" in cache
@@ -64,7 +74,7 @@ def test_contains_does_not_count_or_refresh():
 
 
 def test_entry_larger_than_the_cache_is_not_stored():
-    cache = ResultCache(50)
+    cache = make(50)
     cache.put("a", v(10))
     assert not cache.put("huge", v(51))
     assert "huge" not in cache
@@ -73,14 +83,14 @@ def test_entry_larger_than_the_cache_is_not_stored():
 
 
 def test_entry_exactly_the_cache_size_is_stored():
-    cache = ResultCache(50)
+    cache = make(50)
     cache.put("a", v(10))
     assert cache.put("full", v(50))
     assert cache.bytes == 50 and "a" not in cache
 
 
 def test_zero_disables():
-    cache = ResultCache(0)
+    cache = make(0)
     assert not cache.put("a", v(0))
     assert not cache.put("b", v(1))
     assert len(cache) == 0 and cache.bytes == 0
@@ -88,7 +98,7 @@ def test_zero_disables():
 
 
 def test_replacing_a_key_updates_the_byte_count():
-    cache = ResultCache(100)
+    cache = make(100)
     cache.put("a", v(10))
     cache.put("a", v(30))
     assert cache.bytes == 30 and len(cache) == 1
@@ -97,7 +107,7 @@ def test_replacing_a_key_updates_the_byte_count():
 
 
 def test_discard_and_clear():
-    cache = ResultCache(100)
+    cache = make(100)
     cache.put("a", v(10))
     cache.put("b", v(20))
     cache.discard("a")
@@ -108,7 +118,7 @@ def test_discard_and_clear():
 
 
 def test_plain_bytes_values():
-    cache = ResultCache(10)
+    cache = make(10)
     cache.put("a", b"12345")
     assert cache.bytes == 5
 
@@ -117,7 +127,7 @@ def test_byte_accounting_stays_exact():
     import random
 
     rng = random.Random(0)
-    cache = ResultCache(1000)
+    cache = make(1000)
     for i in range(2000):
         key = rng.randrange(50)
         if rng.random() < 0.1:

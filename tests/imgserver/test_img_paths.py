@@ -3,7 +3,7 @@ import os
 import pytest
 
 from imgserver.errors import BadRequest, Forbidden, NotFound
-from imgserver.paths import check_inside, confine, resolve, split_url_path
+from imgserver.paths import check_inside, confine, join, resolve, split_decoded, split_url_path
 
 ROOT = "/srv/images"
 
@@ -246,3 +246,57 @@ def test_confine_missing_file_is_left_to_open(tree):
 def test_confine_applies_the_name_rules_first(tree, url_path):
     with pytest.raises(Forbidden):
         confine(str(tree), url_path)
+
+
+# --- split_decoded: the same policy for a path that is already decoded -------------------
+
+
+@pytest.mark.parametrize(
+    "path,expected",
+    [
+        ("a.jpg", ("a.jpg",)),
+        ("/a.jpg", ("a.jpg",)),
+        ("dir/sub/a b.jpg", ("dir", "sub", "a b.jpg")),
+        ("café.jpg", ("café.jpg",)),
+        # Never decoded: a "%" is part of the name.
+        ("%41.jpg", ("%41.jpg",)),
+        ("100%.png", ("100%.png",)),
+        ("%2e%2e/x.jpg", ("%2e%2e", "x.jpg")),
+        ("a%2Fb", ("a%2Fb",)),
+    ],
+)
+def test_split_decoded(path, expected):
+    assert split_decoded(path) == expected
+    assert join(split_decoded(path)) == "/".join(expected)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["../etc/passwd", "a/../../b", "..", ".", "./a.jpg", "a//b.jpg", "//etc/passwd", "a/", "a\\b.jpg",
+     "a\0b.jpg", "a\nb.jpg", "a\x7f.jpg", ".htaccess", "a/.git/config"],
+)
+def test_split_decoded_refuses_what_split_url_path_refuses(path):
+    with pytest.raises(Forbidden):
+        split_decoded(path)
+
+
+@pytest.mark.parametrize("path", ["", "/", "x" * 256, "/".join(["d" * 200] * 25)])
+def test_split_decoded_not_found(path):
+    with pytest.raises(NotFound):
+        split_decoded(path)
+
+
+@pytest.mark.parametrize("path", [b"a.jpg", None, 5, "\ud800.jpg"])
+def test_split_decoded_refuses_what_is_not_text(path):
+    with pytest.raises(BadRequest):
+        split_decoded(path)
+
+
+@pytest.mark.parametrize("name", ["%41.jpg", "100%.png", "a b.jpg", "café.jpg", "%2e%2e", "dir/%252F"])
+def test_decoded_exactly_once(name):
+    """Issue 9: the URL of the file ``%41.jpg`` is ``%2541.jpg``; decoding it
+    once gives ``%41.jpg`` back, never ``A.jpg``."""
+    from urllib.parse import quote
+
+    assert split_url_path(quote(name)) == split_decoded(name)
+    assert split_url_path(quote(quote(name))) == split_decoded(quote(name))  # the literal escaped name

@@ -2,6 +2,8 @@
 
 Every test gets ``env`` (servers, clients, and their clean-up) and a log
 capture that fails the test if the server logs an error it did not expect.
+The servers here have no secret, so clients log in anonymously (loopback);
+logging in with a secret is tested in test_img_pb_auth.py.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import pytest
 import pytest_twisted
 from img_helpers import encode, noisy
 from PIL import Image
+from twisted.cred import credentials
 from twisted.internet import defer, endpoints, protocol, task
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.spread import banana, pb
 
 from imgserver import errors, processing
 from imgserver.client import ImageClient, connect
-from imgserver.pb import ImageRoot, make_pb_factory
+from imgserver.pb import PBFrontEnd, make_pb_factory
 from imgserver.service import ImageService
 from imgserver.settings import Settings
 
@@ -99,6 +102,12 @@ class LogCapture:
 
 
 @pytest.fixture(autouse=True)
+def no_secret_from_environment(monkeypatch):
+    """These servers run without a secret, whatever the environment says."""
+    monkeypatch.delenv("IMGSERVER_SECRET", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def server_log():
     capture = LogCapture()
     globalLogPublisher.addObserver(capture)
@@ -115,7 +124,7 @@ def server_log():
 class Server:
     service: ImageService
     factory: pb.PBServerFactory
-    root: ImageRoot
+    front: PBFrontEnd
     port: Any
 
     @property
@@ -123,7 +132,7 @@ class Server:
         return f"tcp:127.0.0.1:{self.port.getHost().port}"
 
     def pb_stats(self) -> dict[str, Any]:
-        return self.root.remote_stats()["pb"]
+        return self.front.pb_stats()
 
 
 class Env:
@@ -141,7 +150,7 @@ class Env:
         service.start()
         factory = make_pb_factory(service, **root_options)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        server = Server(service, factory, factory.root, port)
+        server = Server(service, factory, factory.front, port)
         self.servers.append(server)
         return server
 
@@ -151,12 +160,12 @@ class Env:
         return client
 
     async def raw(self, server: Server) -> pb.RemoteReference:
-        """The root of a bare PBClientFactory connection, for plain callRemote."""
+        """A bare PBClientFactory's anonymous login (its perspective), for plain callRemote."""
         factory = pb.PBClientFactory()
         endpoint = endpoints.clientFromString(_reactor(), server.endpoint)
         broker = await endpoint.connect(factory)
         self.brokers.append(broker)
-        return await factory.getRootObject()
+        return await factory.login(credentials.Anonymous())
 
     async def close(self) -> None:
         for gate in self.gates:
@@ -339,6 +348,21 @@ async def test_info_errors(env, image_root):
 
 
 @pytest_twisted.ensureDeferred
+async def test_paths_are_never_percent_decoded(env, tmp_path):
+    """PB paths are names as they are: ``%41.jpg`` is that file, not ``A.jpg`` (issue 9, item 3)."""
+    (tmp_path / "%41.jpg").write_bytes(encode(Image.new("RGB", (30, 20)), "JPEG"))
+    (tmp_path / "A.jpg").write_bytes(encode(Image.new("RGB", (50, 40)), "JPEG"))
+    (tmp_path / "100%.png").write_bytes(encode(Image.new("RGB", (7, 5)), "PNG"))
+    client = await env.client(env.serve(Settings(root=str(tmp_path), workers=1)))
+    assert (await client.info("%41.jpg"))["width"] == 30
+    assert (await client.info("A.jpg"))["width"] == 50
+    assert (await client.info("100%.png"))["width"] == 7
+    assert decoded(await client.thumbnail("%41.jpg", 15)).size == (15, 10)
+    assert type(await remote_failure(client.info("%2e%2e/A.jpg"))) is errors.NotFound
+    assert type(await remote_failure(client.info("%2F"))) is errors.NotFound
+
+
+@pytest_twisted.ensureDeferred
 async def test_wrong_arguments_are_bad_request_without_traceback(env, server_log):
     server = env.serve()
     raw = await env.raw(server)
@@ -347,7 +371,7 @@ async def test_wrong_arguments_are_bad_request_without_traceback(env, server_log
     r = await remote_failure(raw.callRemote("info", "photo.jpg", colour="red"))
     assert r.remoteType == b"imgserver.errors.BadRequest"
     r = await remote_failure(raw.callRemote("no_such_method"))
-    assert r.remoteType == b"imgserver.errors.BadRequest" and "remote_no_such_method" in r.args[0]
+    assert r.remoteType == b"imgserver.errors.BadRequest" and "no_such_method" in r.args[0]
     assert server_log.errors() == []
 
 
@@ -372,7 +396,7 @@ async def test_unexpected_errors_are_internal_and_logged_once(env, server_log, m
         logged = server_log.take_errors()
         assert len(logged) == 1, logged
         assert logged[0]["log_failure"].check(cause)
-    assert server.root._hub.counts["internal_errors"] == 2
+    assert server.front.counts["internal_errors"] == 2
 
 
 # -- Banana's size limit and paging -----------------------------------------------
