@@ -213,8 +213,7 @@ async def compare(title: str, chosen: list[Variant], paths: list[str], sizes: di
                 if name.startswith("io_uring"):
                     extras.setdefault(name, {}).update(loader.stats())
     finally:
-        for _, loader in loaders:
-            loader.close()
+        await defer.gatherResults([loader.close() for _, loader in loaders])
     print(f"\n{title}")
     base = statistics.median(rates[loaders[0][0]])
     header = ("| engine | files/s | vs " + loaders[0][0] + " | worst stall ms (median / max) "
@@ -228,7 +227,7 @@ async def compare(title: str, chosen: list[Variant], paths: list[str], sizes: di
         if "read" in e:
             notes.append(f"daemon reads/file {e['read']:.2f}")
         if "ring_submits" in e and e["ring_submits"]:
-            notes.append(f"ops/submit {e['ops_per_submit']}, inline reads {e['inline_reads']}, "
+            notes.append(f"ops/submit {round(e['ring_ops'] / e['ring_submits'], 2)}, inline reads {e['inline_reads']}, "
                          f"ring reads {e['ring_reads']}")
         print(f"| {name} | {rate:,.0f} | {rate / base:.2f}x | "
               f"{statistics.median(stalls[name]) * 1000:.1f} / {max(stalls[name]) * 1000:.1f} | "

@@ -76,8 +76,7 @@ async def run(reactor, paths: list[str], rounds: int, in_flight: int) -> None:
             row = best.setdefault(name, [elapsed, probe.worst])
             row[0] = min(row[0], elapsed)
             row[1] = max(row[1], probe.worst)
-    for loader in loaders.values():
-        loader.close()
+    await defer.gatherResults([loader.close() for loader in loaders.values()])
     base = total / best["os.readv loop (blocking, baseline)"][0]
     rows = []
     for name, (elapsed, stall) in best.items():

@@ -97,8 +97,7 @@ async def twisted_rounds(reactor: Any, paths: list[str], in_flight: int, rounds:
             best = results.get(name)
             worst = probe.worst if best is None else max(best[1], probe.worst)
             results[name] = (min(elapsed, best[0]) if best else elapsed, worst)
-    nowait.close()
-    pooled.close()
+    await defer.gatherResults([nowait.close(), pooled.close()])
     print_table(len(paths), results)
 
 

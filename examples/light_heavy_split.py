@@ -419,7 +419,7 @@ async def with_file_loader(s: Setup, title: str, max_open: int, threads: int) ->
     try:
         phase = await run_phase(s, Phase(title), heavy=True)
     finally:
-        loader.close()
+        await loader.close()
     report(phase, len(s.order))
     st = loader.stats()
     print(
