@@ -74,7 +74,7 @@ class _Worker:
 
     __slots__ = ("n", "job", "wake", "retired", "generation")
 
-    def __init__(self, n: int, job: _Job, wake: threading.Condition, retired: bool,
+    def __init__(self, n: int, job: _Job, wake: Any, retired: bool,
                  generation: int) -> None:
         self.n = n
         self.job: _Job | None = job
@@ -207,10 +207,12 @@ class IOPool:
             worker = self._idle.pop()
             worker.job = job
             self._active.add(job)
-            worker.wake.notify()
+            worker.wake.release()
             return None
         if spawn and len(self._workers) < self.max_threads:
-            worker = _Worker(self._started, job, threading.Condition(self._lock),
+            wake = _thread.allocate_lock()  # held: released to wake the idle thread
+            wake.acquire()
+            worker = _Worker(self._started, job, wake,
                              self._stopping, self._generation)
             self._started += 1
             self._workers.add(worker)
@@ -302,7 +304,13 @@ class IOPool:
                 if worker.retired:
                     return None
                 self._idle.append(worker)
-                woken = worker.wake.wait(self.idle_timeout)
+                # A raw lock as a binary semaphore: C-level, cheaper than a
+                # Condition (which allocates a lock per wait).
+                self._lock.release()
+                try:
+                    woken = worker.wake.acquire(True, -1 if self.idle_timeout is None else self.idle_timeout)
+                finally:
+                    self._lock.acquire()
                 if worker.job is not None:
                     continue  # handed a job (it took this worker out of _idle)
                 if worker in self._idle:
@@ -364,7 +372,7 @@ class IOPool:
             for worker in self._workers:
                 worker.retired = True
             for worker in self._idle:
-                worker.wake.notify()
+                worker.wake.release()
             self._idle.clear()
         d: defer.Deferred[None] = defer.Deferred()
         call = self.reactor.callLater(timeout, self._stop_timed_out, d, timeout)
