@@ -12,6 +12,8 @@ from .interfaces import IFileLoader
 from .limiter import Limiter, Slot
 from .loader import FileLoader, default_loader, read_file
 from .reader import FileReader
+from .sender import FileSender, FileSenderStopped
+from .sendfile import send_file
 
 __all__ = [
     "FileLoader",
@@ -29,4 +31,7 @@ __all__ = [
     "ConsumerStopped",
     "read_file",
     "default_loader",
+    "FileSender",
+    "FileSenderStopped",
+    "send_file",
 ]

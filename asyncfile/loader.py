@@ -356,14 +356,24 @@ class FileLoader:
         return self._begin(source, root, offset, length, None, _Kind.LOAD)
 
     def stream(self, source: Any, consumer: IConsumer, offset: int = 0, length: int | None = None, *,
-               root: Root | None = None) -> defer.Deferred[int]:
+               root: Root | None = None, zero_copy: bool = False) -> defer.Deferred[int]:
         """Write the file (or a range) into ``consumer`` as a push producer.
 
         Honours ``pauseProducing``/``resumeProducing``; fires with the number
         of bytes written, or fails with ``ConsumerStopped`` if the consumer
         stopped the producer (a client disconnected).  The consumer is not
         finished: the caller decides what comes after.
+
+        With ``zero_copy=True`` and a plain TCP/UNIX transport of Twisted as
+        ``consumer``, the bytes go with ``os.sendfile`` where the file allows
+        it (``asyncfile.sendfile``); same result and errors.  Nothing else
+        may write to the transport until the Deferred fires.
         """
+        if zero_copy:
+            from .sendfile import send_file, zero_copy_refusal
+
+            if zero_copy_refusal(consumer) is None:
+                return send_file(self, source, consumer, offset, length, root=root)
         return self._begin(source, root, offset, length, consumer, _Kind.STREAM)
 
     def reader(self, source: Any, offset: int = 0, length: int | None = None, *,
@@ -414,6 +424,20 @@ class FileLoader:
         self._handles.add(handle)
         handle.start()
         return result
+
+    def adopt(self, fd: int, path: str | None = None) -> defer.Deferred[FileHandle]:
+        """A ``FileHandle`` that takes over the open descriptor ``fd`` (pass
+        ``os.dup(fd)`` to keep yours): it waits for a place under
+        ``max_open``, ``fstat``s the descriptor (in the reactor thread on a
+        local mount, else off it), refuses what is not a regular file
+        (``NotRegularFile``, ``IsADirectoryError``) and classifies it like
+        ``open``.  ``fd`` is closed by ``handle.close()``, or before the
+        Deferred fails or when it is cancelled.  ``path`` only names the file
+        in errors (default: what /proc/self/fd says).
+        """
+        from .sendfile import adopt
+
+        return adopt(self, fd, path)
 
     def open_root(self, path: Any, *, no_symlinks: bool = False) -> defer.Deferred[Root]:
         """A ``Root`` for confined opens beneath the directory ``path``.
