@@ -94,7 +94,7 @@ async def test_a_full_ring_makes_requests_wait_not_fail(ring_loader, tmp_path):
     assert stats["errors"] == 0
 
 
-@pytest.mark.slowfs(read_delay=0.0, open_delay=0.3)
+@pytest.mark.slowfs(read_delay=0.0, open_delay=1.0)
 @pytest_twisted.ensureDeferred
 async def test_cancelled_opens_close_what_they_opened(ring_loader, slow_fs):
     loader = ring_loader(entries=2)  # 4 opens in the kernel, the rest wait in the FIFO
