@@ -1,9 +1,9 @@
 """The Pillow pipeline: read headers, estimate memory, transform and describe images.
 
 Everything here is pure apart from CPU (and a scratch in-memory file for
-encoding): no sockets, no reactor, no shared mutable state other than two
-small thread-safe caches (colour transforms, see *ICC profiles*), so the
-Twisted layer can run these functions in worker threads, several at once.
+encoding): no sockets, no reactor, no shared mutable state but a small
+thread-safe cache of colour transforms (see *ICC profiles*), so the Twisted
+layer can run these functions in worker threads, several at once.
 Pillow releases the GIL while decoding, resizing, converting and encoding
 into a real file, so N threads use N cores.
 
@@ -25,7 +25,9 @@ surface, and every output format handles what these three hold.  A file that
 starts like one of the three but cannot be read is
 :class:`~imgserver.errors.CorruptImage` (422).  Whatever Pillow raises while
 parsing or decoding a file becomes one of these two (or
-:class:`~imgserver.errors.TooLarge`), never another exception.
+:class:`~imgserver.errors.TooLarge`), never another exception -- except
+``MemoryError``, which is left to the caller (with admission by
+:func:`estimate_bytes` it means the machine itself is out of memory).
 
 Limits
 ------
@@ -63,11 +65,15 @@ pixels::
              + R + T                                       reduce() result, resampling pass
              + O x live                                    output and its copies
              + encoder(O)                                  encoder state + encoded bytes x 2
+             + 256 x longest output side                   encoder row buffers
 
     overhead = F x (1 + copies)                            the data, and the decoder's copies of it
-             + 3 x metadata + exif x (1 + 16)              APPn segments, PNG chunks, EXIF parsed
+             + 3 x metadata                                JPEG APPn/COM segments, PNG chunks
+             + exif + min(16 x exif, 16 MiB)               EXIF, parsed into Python objects
              + 11 x text                                   PNG text: read/inflated, split, str
              + coefficients                                progressive or multi-scan JPEG
+             + width x (256 JPEG, 32 PNG)                  decoder row buffers
+             + 256 KiB                                     Python objects, small buffers
              + 4 x icc + 1 MiB        if converting        littlecms and its transform
 
 * ``decoder``: WebP 12 (libwebp's two canvases, 4 bytes each, and the frame
@@ -107,13 +113,17 @@ ICC profiles
 An embedded colour profile is never copied into the output (a JPEG with an
 8 MB profile would give an 8 MB thumbnail).  Output is always untagged sRGB:
 
-* an RGB profile of at most :data:`ICC_CONVERT_MAX_BYTES` that littlecms
-  accepts: the *output* pixels (after resizing, so the cost scales with the
-  output) are converted to sRGB with ``ImageCms`` (perceptual intent, which
-  littlecms treats as relative colorimetric for matrix profiles), unless the
-  profile is sRGB itself (found once per profile by running 4,096 colours
-  through it: no more than 2 levels apart), which is the common case and
-  costs nothing per image;
+* an RGB profile of at most :data:`ICC_CONVERT_MAX_BYTES` (1 MiB: display
+  and camera profiles are 0.5-60 KB, LUT-based ones some hundreds of KB; a
+  PNG's iCCP cannot inflate beyond 1 MiB anyway) that littlecms accepts:
+  the *output* pixels are converted to sRGB with ``ImageCms`` (perceptual
+  intent, which littlecms treats as relative colorimetric for matrix
+  profiles), in place, after resizing -- so the cost follows the output
+  size, and a tiny output costs next to nothing: there is no case where
+  copying the profile would be cheaper.  Unless the profile is sRGB itself
+  (found once per profile by running 4,096 colours through it: no more
+  than 2 levels apart), the common case, which then costs nothing per
+  image;
 * a grey profile of that size: its tone curve is applied to the grey channel
   (a 256-entry table derived through littlecms);
 * anything else (larger profiles, profiles that do not match the pixels,
@@ -587,7 +597,8 @@ def _png_chunks(data: bytes) -> _PngChunks:
             compressed = kind == b"zTXt"
             if kind == b"iTXt":
                 key_end = data.find(b"\0", body, min(end, body + length))
-                compressed = key_end >= 0 and key_end + 1 < end and data[key_end + 1] == 1
+                # the compression flag follows the keyword: Pillow inflates if it is not 0
+                compressed = key_end >= 0 and key_end + 1 < end and data[key_end + 1] != 0
             if compressed:
                 text += min(PngImagePlugin.MAX_TEXT_CHUNK, 1032 * length + 1024)
             else:
@@ -905,7 +916,9 @@ def estimate_bytes(header: Header, spec: TransformSpec | None,
         # image), and for alpha a lossless encoder's hash chains and
         # references (up to 45 bytes a pixel in all for a noisy alpha plane).
         total += out_px * (48 if final == "RGBA" else 28)
-    total += 2 * (encoded + 64 * _KIB) + out_w * 64
+    # Row buffers of the encoders (libjpeg keeps 16 rows of every component,
+    # before and after colour conversion): a 50000 x 1 JPEG costs 2.4 MB.
+    total += 2 * (encoded + 64 * _KIB) + max(out_w, out_h) * 256
     return int(total)
 
 
@@ -1183,7 +1196,8 @@ def _transform(
         icc = im.info.get("icc_profile")
         img = _to_working_mode(im)
         if img is not im:
-            im.close()  # free the decoded source (and WebP's canvases) now
+            im.close()  # free the decoded source now (WebP's decoder and its
+            # canvases go with ``im`` itself, at the end: counted in the estimate)
 
         box = tuple(min(c * scale, limit) for c, limit in zip(geo.box, (*img.size, *img.size)))
         if img.size != geo.size or box != (0.0, 0.0, *map(float, img.size)):

@@ -616,6 +616,16 @@ def test_giant_metadata(worker, seed, kind, count, size):
         assert result[2] < 64 * 1024  # no metadata is copied into the output
 
 
+@pytest.mark.parametrize("width,height", [(1, 50_000), (50_000, 1), (1, 65_500), (16_383, 2)])
+def test_extreme_aspect_ratios(worker, width, height):
+    # Found by the fuzz: a 50000 x 1 output costs libjpeg 16 rows of 50000
+    # pixels per component, which the estimate must count.
+    for name in ("photo.jpg", "baseline.jpg", "rgb.png", "lossy.webp"):
+        data = _set_dimensions(SEEDS[name], width, height, True)
+        for spec in ({"format": "jpeg"}, {"format": "png"}, {"format": "webp"}, {"width": 64}):
+            check(worker.call(data, spec), data, f"{name} {width}x{height} {spec}")
+
+
 def test_pixel_bombs_from_every_format_are_refused_cheaply(worker):
     for name in ("baseline.jpg", "rgb.png", "lossy.webp", "lossless.webp", "animated.webp"):
         data = _set_dimensions(SEEDS[name], 16383, 16383, True)

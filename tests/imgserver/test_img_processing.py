@@ -684,6 +684,17 @@ def test_estimate_counts_the_progressive_coefficient_buffer():
     assert 2.9 * 800 * 600 < extra < 3.3 * 800 * 600
 
 
+def test_estimate_counts_coefficients_when_the_first_scan_lacks_components():
+    # A baseline JPEG whose first scan holds one component of three (written
+    # by e.g. jpegtran -scans) also needs libjpeg's whole-image buffer.
+    data = encode(noisy((800, 600)), "JPEG")
+    sos = data.index(b"\xff\xda")
+    assert data[sos + 4] == 3  # Ns: components in this scan
+    one = data[: sos + 4] + b"\x01" + data[sos + 5 :]
+    extra = read_header(one, MAX).overhead_bytes - read_header(data, MAX).overhead_bytes
+    assert 2.9 * 800 * 600 < extra < 3.3 * 800 * 600
+
+
 def test_estimate_grows_with_the_output():
     header = read_header(sample("landscape.webp"), MAX)
     sizes = [estimate_bytes(header, TransformSpec(width=w, format="png")) for w in (100, 1000, 4000)]
@@ -826,6 +837,9 @@ def test_grey_profile_tone_curve_is_applied(fresh_icc_cache):
     for fm in ("png", "jpeg"):
         out = decode(transform(data, TransformSpec(width=20, format=fm), MAX))
         assert out.mode == "L" and abs(out.getpixel((10, 10)) - srgb_encode(128)) <= 2
+    data = encode(Image.new("LA", (40, 40), (64, 200)), "PNG", icc_profile=icc_profile(1.0, "GRAY"))
+    grey, alpha = decode(transform(data, TransformSpec(width=20), MAX)).getpixel((10, 10))
+    assert abs(grey - srgb_encode(64)) <= 2 and alpha == 200
 
 
 def test_srgb_profiles_change_nothing(fresh_icc_cache):
