@@ -288,7 +288,6 @@ class FileHandle:
         slot, self._slot = self._slot, None
         if slot is not None:
             slot.release()
-        self.loader._forget(self)
         on_open, self._on_open = self._on_open, None
         if on_open is not None:
             on_open(failure if failure is not None else Failure(defer.CancelledError()))
@@ -296,3 +295,4 @@ class FileHandle:
         if callbacks:
             for then in callbacks:
                 then()
+        self.loader._forget(self)  # last: close() fires only after the operations it stopped

@@ -138,7 +138,8 @@ class _Read:
         obj, view = _buffers.allocate(expected)
         try:
             n = read(f, view, self.offset) if expected else 0
-            if n == expected and (expected == self.length or read(f, loader._eof_probe, self.offset + n) == 0):
+            if n == expected and (expected == self.length or self.offset + n >= _MAX_OFFSET
+                                  or read(f, loader._eof_probe, self.offset + n) == 0):
                 return _buffers.finish(obj, view, n)
         except BlockingIOError:
             pass  # not cached: the FileReader reads it

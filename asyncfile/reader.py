@@ -33,6 +33,9 @@ __all__ = ["FileReader", "BufferSink", "ConsumerSink", "ReaderState"]
 # file that did grow is then read in whole chunks.
 PROBE_SIZE = 1
 
+#: The largest file offset (off_t); reads never reach past it.
+MAX_OFFSET = 2**63 - 1
+
 
 def _release(view: memoryview | None) -> None:
     """Revoke a view: nobody can write into the buffer through it any more."""
@@ -249,6 +252,12 @@ class FileReader(abstract.FileDescriptor):
                 self.end(None)
                 return
             offset = self.start_offset + self.sink.filled
+            if offset + len(view) > MAX_OFFSET:  # the end of off_t: nothing lies beyond
+                view = view[:max(0, MAX_OFFSET - offset)]
+                if not len(view):
+                    _release(view)
+                    self.end(None)
+                    return
             if self.file.inline:
                 try:
                     n = self.engine.read_inline(self.file, view, offset)

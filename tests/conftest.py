@@ -34,3 +34,21 @@ def slow_fs(tmp_path, request: pytest.FixtureRequest) -> Iterator[SlowFS]:
     fs = SlowFS(source, **(marker.kwargs if marker else {}))
     with fs:
         yield fs
+
+
+# Hypothesis profiles for tests/asyncfile/test_model.py (registered here so that
+# ``--hypothesis-profile=ci|long`` works; nothing is loaded by default).
+try:
+    from hypothesis import HealthCheck as _HealthCheck, Phase as _Phase, settings as _settings
+except ImportError:  # pragma: no cover
+    pass
+else:
+    _model_common = dict(
+        deadline=None,
+        suppress_health_check=[_HealthCheck.too_slow, _HealthCheck.data_too_large,
+                               _HealthCheck.filter_too_much],
+    )
+    # ci: no shrinking, so a failure is reported (unshrunk) within the suite's time bound.
+    _settings.register_profile("ci", max_examples=60, stateful_step_count=30,
+                               phases=[_Phase.explicit, _Phase.reuse, _Phase.generate], **_model_common)
+    _settings.register_profile("long", max_examples=3000, stateful_step_count=50, **_model_common)
