@@ -50,8 +50,16 @@ fires from a ``reactor.callLater`` poll -- never on one of the loader's,
 which would resume the machine in the middle of the library's callbacks.
 
 Budget: hypothesis profile ``ci`` (the default here; registered in
-``tests/conftest.py``); ``--hypothesis-profile=long`` runs thousands of
-examples per engine (and lifts the suite's 60 s bound for this test).
+``tests/conftest.py``: 60 examples of up to 30 steps per engine, no
+shrinking so that a failure is reported within the suite's 60 s bound);
+``--hypothesis-profile=long`` runs 3000 examples of up to 50 steps per
+engine, with shrinking (about 25 minutes here; it lifts the suite's 60 s
+bound for this test).  ``MODEL_DEBUG=1`` prints a line per example and the
+model's state when an invariant fails.
+
+Rules draw their data whatever the state is (no precondition depends on what
+has fired), so a failing example replays the same steps; its outcome may
+still depend on timing (hypothesis then reports it as flaky).
 """
 
 from __future__ import annotations

@@ -1003,3 +1003,7 @@ async def test_twisted_web_response_body(loader, engine, tmp_path):
     assert [t.route for t in transfers] == ["sendfile" if engine == "nowait" else "read"] * 3
     # The channel is the transport's producer again after each body.
     assert all(type(t.transport.producer).__name__ in ("HTTPChannel", "NoneType") for t in transfers)
+    # The client has closed: wait until the server has noticed (no socket left behind).
+    from .test_loader import until
+
+    await until(lambda: all(t.transport.disconnected for t in transfers))
