@@ -232,12 +232,14 @@ def wait_quiet(pids: Sequence[int], timeout: float = 60.0, threshold: float = 0.
 
 
 def link_copies(files: Sequence[str], copies: int, dest: str) -> list[str]:
-    """``copies`` hard links (copies if linking fails) of each file in ``dest``, ordered
-    copy by copy (every file once, then every file again...).
+    """``copies`` copies of each file in ``dest`` (real copies: distinct inodes),
+    ordered copy by copy (every file once, then every file again...).
 
-    Distinct names make distinct requests: imgserver shares one processing among
-    identical requests in flight (and keys them by the file's real path), so a
-    load that cycles a few URLs would measure that sharing, not the processing.
+    Distinct files make distinct requests: imgserver shares one processing among
+    identical requests in flight and keys them (and its result cache) by the
+    file's dev, inode, size and mtime, so hard links, which share an inode,
+    would be one image to it, and a load that cycles them would measure that
+    sharing, not the processing.
     """
     os.makedirs(dest, exist_ok=True)
     out = []
@@ -246,10 +248,7 @@ def link_copies(files: Sequence[str], copies: int, dest: str) -> list[str]:
             name = f"c{c:03d}-{os.path.basename(src)}"
             path = os.path.join(dest, name)
             if not os.path.exists(path):
-                try:
-                    os.link(src, path)
-                except OSError:
-                    shutil.copyfile(src, path)
+                shutil.copyfile(src, path)
             out.append(path)
     return out
 

@@ -72,6 +72,7 @@ import random
 import re
 import select
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -599,6 +600,7 @@ class Soak:
         self.next = 0
         self.done = 0
         self.decoded = 0
+        self.stopping = False
         n = len(plan.requests)
         self._marks = sorted((max(1, int(f * n)), label) for f, label in checkpoints)
         self.marks: dict[str, Sample] = {}
@@ -676,7 +678,7 @@ class Soak:
     async def _worker(self) -> None:
         reader = writer = None
         reqs = self.plan.requests
-        while self.next < len(reqs):
+        while self.next < len(reqs) and not self.stopping:
             req = reqs[self.next]
             self.next += 1
             extra = "".join(f"{k}: {v}\r\n" for k, v in req.headers.items())
@@ -723,8 +725,37 @@ class Soak:
             writer.close()
 
     async def run(self) -> float:
+        """The whole load; Ctrl-C stops it (KeyboardInterrupt) at once.
+
+        Not left to asyncio.run's own SIGINT handling, which cancels the main
+        task: on Python 3.11 ``wait_for`` can swallow a cancellation that
+        races with its answer, and that worker would then go on to the end.
+        Here every worker also stops at its next request."""
         started = time.monotonic()
-        await asyncio.gather(*(self._worker() for _ in range(self.connections)))
+        loop = asyncio.get_running_loop()
+        tasks = [asyncio.ensure_future(self._worker()) for _ in range(self.connections)]
+
+        def interrupted() -> None:
+            self.stopping = True
+            for t in tasks:
+                t.cancel()
+
+        handled = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # e.g. started with nohup ... &
+        try:
+            if handled:
+                loop.add_signal_handler(signal.SIGINT, interrupted)
+        except (NotImplementedError, RuntimeError, ValueError):
+            handled = False  # not the main thread, or no signals here
+        try:
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            if handled:
+                loop.remove_signal_handler(signal.SIGINT)
+        if self.stopping:
+            raise KeyboardInterrupt
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
         return time.monotonic() - started
 
 

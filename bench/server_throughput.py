@@ -7,7 +7,7 @@ imgserver runs as a subprocess (this checkout; ``--workers 2``, result cache
 off, a queue big enough that nothing is refused) on 127.0.0.1 and serves
 ``/images/<jpeg>?w=256&h=256&fit=crop&fm=jpg&q=80`` for every JPEG of the
 corpus in turn to wrk (C, one thread, keep-alive, ``--connections`` at once).
-The server's root is a temporary directory of hard links to the corpus JPEGs,
+The server's root is a temporary directory of copies of the corpus JPEGs,
 several names per image, so that no two requests in flight are identical:
 imgserver shares one processing among identical requests, and cycling 24 URLs
 over 64 connections would measure that sharing (several times the raw rate),
@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"server: imgserver (this checkout) --workers {args.workers} --cache-mb 0 "
               f"--max-queue {args.max_queue} --quiet, pid {server.pid}")
         print(f"load:   {_servers.wrk_version()}, 1 thread, {args.connections} keep-alive connections, "
-              f"{len(paths)} URLs cycled ({copies} hard-linked names per JPEG)")
+              f"{len(paths)} URLs cycled ({copies} copies per JPEG)")
         print(f"raw:    bench.pipeline.raw_pipeline_rate, {args.workers} threads, images in memory")
         print(f"{args.rounds} rounds of {args.seconds:g} s each (server and raw, alternated)\n")
 

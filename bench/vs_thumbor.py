@@ -7,7 +7,7 @@ thumbor is installed in a virtualenv of its own (``--thumbor-venv``, default
 ``$TMPDIR/thumbor-venv``; created with ``python -m venv`` and ``pip install
 'thumbor==7.*'`` when it is missing, never into this project's environment).
 Both servers run as subprocesses on 127.0.0.1 and serve the same files: a
-temporary directory of hard links to the corpus JPEGs, several names per
+temporary directory of copies of the corpus JPEGs, several names per
 image, so that no two requests in flight are the same (imgserver shares one
 processing among identical requests; thumbor does not).
 
@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"file loader, no storage, no result storage, ENGINE_THREADPOOL_SIZE={2 * cpus}, "
               f"--processes {args.thumbor_processes}")
         print(f"load:      bench/_load.py (asyncio, one thread, in this process), {args.connections} keep-alive "
-              f"connections, {len(files)} URLs cycled ({copies} hard-linked names per JPEG); per run "
+              f"connections, {len(files)} URLs cycled ({copies} copies per JPEG); per run "
               f"{args.warmup:g} s warm-up then a {args.seconds:g} s window, continuous; {args.rounds} runs "
               f"each, alternated")
         print(f"first thumbnail: imgserver {sizes['imgserver']:,} bytes, thumbor {sizes['thumbor']:,} bytes\n")
