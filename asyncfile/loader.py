@@ -14,7 +14,7 @@ import os
 import weakref
 from collections import deque
 from time import perf_counter
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IConsumer
@@ -403,6 +403,11 @@ class FileLoader:
             path = os.fsdecode(os.fspath(path))
         except TypeError:
             return defer.fail()
+        return self._hand_out(lambda on_open: FileHandle(self, path, root, on_open))
+
+    def _hand_out(self, make: Callable[[Callable[[Any], None]], FileHandle]) -> defer.Deferred[FileHandle]:
+        """Start the handle ``make(on_open)`` builds and fire with it once open
+        (``open`` and ``adopt``): the caller owns it from then on."""
 
         def on_open(got: Any) -> None:
             if result.called:
@@ -421,7 +426,7 @@ class FileLoader:
             handle.abandon()
 
         result: defer.Deferred[FileHandle] = defer.Deferred(cancel)
-        handle = FileHandle(self, path, root, on_open)
+        handle = make(on_open)
         self._handles.add(handle)
         handle.start()
         return result

@@ -901,24 +901,6 @@ def adopt(loader: Any, fd: int, path: str | None = None) -> defer.Deferred[FileH
     target = _fd_target(fd)
     name = path if path is not None else (target or f"<fd {fd}>")
 
-    def on_open(got: Any) -> None:
-        if result.called:
-            if isinstance(got, FileHandle):
-                got.abandon()  # cancelled meanwhile
-            return
-        if isinstance(got, Failure):
-            if not got.check(defer.CancelledError):
-                loader.errors += 1
-            result.errback(got)
-        else:
-            result.callback(got)
-
-    def cancel(_: Any) -> None:
-        loader.cancelled += 1
-        handle.abandon()
-
-    result: defer.Deferred[FileHandle] = defer.Deferred(cancel)
-    handle = _AdoptedHandle(loader, fd, name, _opens_fast(loader.engine, target), on_open)
-    loader._handles.add(handle)
-    handle.start()
-    return result
+    fast = _opens_fast(loader.engine, target)
+    return loader._hand_out(  # type: ignore[no-any-return]
+        lambda on_open: _AdoptedHandle(loader, fd, name, fast, on_open))
