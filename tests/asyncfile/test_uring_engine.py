@@ -214,10 +214,15 @@ async def test_evicted_file_is_read_through_the_ring(ring_loader, tmp_path):
     path = tmp_path / "cold"
     data = os.urandom(1 << 20)
     path.write_bytes(data)
-    pagecache.evict(path)
-    if pagecache.cached_fraction(path) > 0:
-        pytest.skip("this file system keeps the pages (tmpfs?)")
-    assert await loader.load(path) == data
+    # Another process's readahead on a busy machine can bring pages back
+    # between the eviction and the load: a few tries, each checked cold.
+    for attempt in range(3):
+        pagecache.evict(path)
+        if pagecache.cached_fraction(path) > 0:
+            pytest.skip("this file system keeps the pages (tmpfs?)")
+        assert await loader.load(path) == data
+        if loader.stats()["ring_reads"] >= 1:
+            break
     stats = loader.stats()
     assert stats["ring_reads"] >= 1 and stats["pool_reads"] == 0
 
