@@ -4,6 +4,7 @@
     data = await read_file("photo.jpg")
 """
 
+from ._version import __version__
 from .confine import OutsideRoot
 from .engines.base import Root
 from .errors import ConsumerStopped, ForkedError, LoaderClosed, NotRegularFile, Overloaded
@@ -14,8 +15,10 @@ from .loader import FileLoader, default_loader, read_file
 from .reader import FileReader
 from .sender import FileSender, FileSenderStopped
 from .sendfile import send_file
+from .writer import FileConsumer
 
 __all__ = [
+    "__version__",
     "FileLoader",
     "FileHandle",
     "Root",
@@ -34,4 +37,5 @@ __all__ = [
     "FileSender",
     "FileSenderStopped",
     "send_file",
+    "FileConsumer",
 ]

@@ -25,7 +25,7 @@ def _default_paths() -> list[str]:
 
 
 def _expand(paths: list[str]) -> list[str]:
-    files = []
+    files: list[str] = []
     for p in paths:
         if os.path.isdir(p):
             for root, dirs, names in os.walk(p):

@@ -39,13 +39,13 @@ def allocate(size: int) -> tuple[bytes | bytearray, memoryview]:
     if _ZERO_COPY and size >= _ZERO_COPY_MIN:
         obj = _from_size(None, size)
         array = (ctypes.c_char * size).from_address(id(obj) + _DATA_OFFSET)
-        array.owner = obj  # a view (say, in a pool thread) keeps the bytes alive
+        array.owner = obj  # type: ignore[attr-defined]  # a view (say, in a pool thread) keeps the bytes alive
         return obj, memoryview(array).cast("B")
     obj = bytearray(size)
     return obj, memoryview(obj)
 
 
-def finish(obj: bytes | bytearray, view: memoryview, filled: int) -> bytes:
+def finish(obj: bytes | bytearray | None, view: memoryview, filled: int) -> bytes:
     """The first ``filled`` bytes as ``bytes``, without copying when the buffer was filled exactly."""
     if filled == len(view) and isinstance(obj, bytes):
         return obj

@@ -156,7 +156,7 @@ def openat2(dirfd: int, path: PathArg, flags: int, mode: int = 0,
         raise ValueError("embedded null byte")
     how = _OpenHow((flags | _O_CLOEXEC) & _U64, mode & _U64, resolve & _U64)
     while True:
-        fd = _syscall(_NR, dirfd, raw, ctypes.addressof(how),
+        fd: int = _syscall(_NR, dirfd, raw, ctypes.addressof(how),
                       ctypes.sizeof(how))
         if fd >= 0:
             return fd
@@ -165,7 +165,7 @@ def openat2(dirfd: int, path: PathArg, flags: int, mode: int = 0,
             raise OSError(err, os.strerror(err), path)
 
 
-_PROBE_REASONS = {
+_PROBE_REASONS: dict[int | None, str] = {
     errno.ENOSYS: "ENOSYS: kernel older than 5.6 (or a seccomp filter "
                   "answering ENOSYS)",
     errno.EPERM: "EPERM: blocked by seccomp (or another security policy)",
@@ -196,7 +196,7 @@ def _probe() -> str | None:
             os.close(openat2(root, ".", _O_PATH | _O_DIRECTORY, 0, beneath))
         except OSError as e:
             return _PROBE_REASONS.get(e.errno) or (
-                f"openat2 probe failed: {errno.errorcode.get(e.errno, e.errno)}"
+                f"openat2 probe failed: {errno.errorcode.get(e.errno, e.errno)}"  # type: ignore[arg-type]
                 f": {e.strerror}")
         try:
             os.close(openat2(root, "..", _O_PATH | _O_DIRECTORY, 0, beneath))
@@ -216,7 +216,7 @@ def openat2_unavailable_reason() -> str | None:
     cached answer (a seccomp filter can be installed after the first probe).
     """
     global _reason
-    reason = _reason
+    reason: str | None = _reason
     if reason is _UNSET:
         with _probe_lock:
             if _reason is _UNSET:

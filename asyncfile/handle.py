@@ -20,13 +20,15 @@ counting those being opened.
 from __future__ import annotations
 
 import enum
+import os
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from .engines.base import Op, OpenedFile, Root
+from .engines.base import Op, OpenedFile, Root, check_regular
+from .errors import LoaderClosed
 
 if TYPE_CHECKING:
     from .loader import FileLoader
@@ -151,6 +153,12 @@ class FileHandle:
         self._waiter = None
         self._slot = slot
         loader = self.loader
+        if loader._closing is not None:
+            # A place given back while close() closes every handle: start
+            # nothing (close() would have failed this one a moment later).
+            self._move(_H.CLOSED)
+            self._finish_closed(Failure(LoaderClosed()))
+            return
         if loader.turn_budget is None or (loader._spent < loader.turn_budget and not loader._ready):
             self._open_now()
         else:
@@ -267,7 +275,7 @@ class FileHandle:
         if self._readers or self._op is not None:
             return
         try:
-            op = self.loader.engine.close(self.file)
+            op = self.loader.engine.close(self.file)  # type: ignore[arg-type]  # OPEN: a file
         except Exception:  # EIO from a flush, say: the descriptor is released anyway
             op = None
         if op is None:
@@ -296,3 +304,117 @@ class FileHandle:
             for then in callbacks:
                 then()
         self.loader._forget(self)  # last: close() fires only after the operations it stopped
+
+
+# -- a descriptor someone gave us (FileLoader.adopt) ----------------------------------
+def _stat_fd(fd: int, path: str) -> OpenedFile:
+    st = os.fstat(fd)
+    check_regular(st.st_mode, path)
+    return OpenedFile(fd, st.st_size, st.st_dev, path, st.st_ino, st.st_mtime_ns)
+
+
+def _fd_target(fd: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
+def _opens_fast(engine: Any, target: str | None) -> bool:
+    """Whether calls on this descriptor (fstat, close) may run in the reactor
+    thread: a local mount per the engine's inline policy, or a kernel object
+    (``pipe:[..]``, ``socket:[..]``: refused as not regular, closed at once).
+    /proc readlink is answered by the kernel, without a round trip to the
+    file system."""
+    inline = getattr(engine, "inline", None)
+    if inline is None or target is None:
+        return False
+    if not target.startswith("/"):
+        return True
+    return not inline.is_slow_mount(target)
+
+
+def _io_pool(loader: Any) -> Any:
+    pool = getattr(loader, "pool", None)
+    if pool is not None:
+        return pool
+    backend = getattr(getattr(loader, "engine", None), "backend", None)
+    pool = getattr(backend, "pool", None)
+    return getattr(pool, "pool", pool)  # RingBackend.pool is a PoolBackend
+
+
+def _run_off_thread(loader: Any, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+    pool = _io_pool(loader)
+    if pool is not None and hasattr(pool, "run"):
+        d: defer.Deferred[Any] = pool.run(f, *args)
+        return d
+    from twisted.internet import threads
+
+    return threads.deferToThreadPool(loader.reactor, loader.reactor.getThreadPool(), f, *args)
+
+
+class _AdoptedHandle(FileHandle):
+    """A ``FileHandle`` whose "open" is an ``fstat`` of a descriptor it was
+    given (``FileLoader.adopt``).
+
+    It takes a place under ``max_open`` like any handle (the descriptor
+    counts), and owns the descriptor from the start: every way to CLOSED
+    closes it exactly once (unclassified: here, inline or in the pool; once
+    it became the handle's file: by the engine, as any other).  The
+    ``fstat`` and that close run in the reactor thread only where the
+    descriptor is a local file (or a kernel object) by /proc/self/fd.
+    """
+
+    __slots__ = ("_adopted", "_fast")
+
+    def __init__(self, loader: "FileLoader", fd: int, path: str | None,
+                 on_open: Callable[[Any], None]) -> None:
+        target = _fd_target(fd)
+        name = path if path is not None else (target or f"<fd {fd}>")
+        super().__init__(loader, name, None, on_open)
+        self._adopted = fd
+        self._fast = _opens_fast(loader.engine, target)
+
+    def _open_now(self) -> None:
+        loader = self.loader
+        fd = self._adopted
+        if self._fast:
+            started = perf_counter()
+            try:
+                f = _stat_fd(fd, self.path)
+            except Exception:
+                loader._charge(perf_counter() - started)
+                self._open_failed(Failure())
+                return
+            loader._charge(perf_counter() - started)
+            self._adopted = -1
+            self._classified(f, "inline")
+            self._opened(f)
+            return
+        self._move(HandleState.OPENING)
+        op = Op()  # not cancellable: an fstat is short; a CANCELLING handle waits for it
+        self._op = op
+        _run_off_thread(loader, _stat_fd, fd, self.path).chainDeferred(op.deferred)
+        op.deferred.addCallbacks(self._stat_done, self._open_failed)
+
+    def _stat_done(self, f: OpenedFile) -> None:
+        self._adopted = -1
+        self._classified(f, "pool")
+        self._opened_async(f)
+
+    def _classified(self, f: OpenedFile, via: str) -> None:
+        f.via = via
+        inline = getattr(self.loader.engine, "inline", None)
+        if inline is not None:
+            inline.classify(f)
+
+    def _finish_closed(self, failure: Failure | None) -> None:
+        fd, self._adopted = self._adopted, -1
+        if fd >= 0 and not self._fast:  # never became the handle's file; close may block
+            # The place is given back and the opener told once it is closed.
+            _run_off_thread(self.loader, os.close, fd).addBoth(
+                lambda _: FileHandle._finish_closed(self, failure))
+            return
+        if fd >= 0:
+            os.close(fd)
+        super()._finish_closed(failure)

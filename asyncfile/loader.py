@@ -25,10 +25,11 @@ from . import _buffers
 from .engines import IOPool, make_engine
 from .engines.base import IFileEngine, Op, Root
 from .errors import ForkedError, LoaderClosed, Overloaded
-from .handle import FileHandle, HandleState
+from .handle import FileHandle, HandleState, _AdoptedHandle
 from .interfaces import IFileLoader
 from .limiter import Limiter
 from .reader import BufferSink, ConsumerSink, FileReader, _release
+from .writer import FileConsumer
 
 __all__ = ["FileLoader", "read_file", "default_loader"]
 
@@ -108,7 +109,8 @@ class _Read:
                     self._done(data)
                     return
             if self.kind is _Kind.STREAM:
-                sink: Any = ConsumerSink(self.consumer, expected, self.length, loader.chunk_size)
+                sink: Any = ConsumerSink(self.consumer, expected, self.length,  # type: ignore[arg-type]
+                                         loader.chunk_size)  # STREAM: there is a consumer
             else:
                 sink = BufferSink(expected, self.length, loader.chunk_size)
             reader = FileReader(f, loader.engine, sink, self.offset, reactor=loader.reactor,
@@ -123,7 +125,7 @@ class _Read:
             return
         if self.kind is _Kind.STREAM:
             try:
-                self.consumer.registerProducer(reader, True)
+                self.consumer.registerProducer(reader, True)  # type: ignore[union-attr]
             except Exception:  # e.g. twisted.web: a producer is registered already
                 reader.end(Failure())
                 return
@@ -152,16 +154,20 @@ class _Read:
         if self.registered:  # never someone else's producer
             self.registered = False
             try:
-                self.consumer.unregisterProducer()
+                self.consumer.unregisterProducer()  # type: ignore[union-attr]
             except Exception:
                 pass
-        self.handle.remove_reader(reader)
+        self.handle.remove_reader(reader)  # type: ignore[union-attr, arg-type]  # both set by opened()
+        if reader is not None and self.kind is not _Kind.READER and not reader.deferred.called:
+            # Nobody waits on it (``result`` is ours); fired, it drops its
+            # canceller, a bound method of the reader: a reference cycle.
+            reader.deferred.callback(None)
         self._done(outcome)
 
     def _done(self, outcome: Any) -> None:
         """The read is over: close the handle if it is ours, then fire."""
         if self.own:
-            handle = self.handle
+            handle: FileHandle = self.handle  # type: ignore[assignment]  # set by opened()
             handle.abandon()
             if handle.state is HandleState.CLOSED:  # closed inline, at once
                 self._fire(outcome)
@@ -229,7 +235,7 @@ class FileLoader:
 
     def __init__(self, reactor: Any = None, max_open: int = 64, max_waiting: int | None = 1024,
                  chunk_size: int = 256 * 1024, engine: Any = "auto", io_threads: int = 16,
-                 turn_budget: float = 0.001) -> None:
+                 turn_budget: float | None = 0.001) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -251,7 +257,7 @@ class FileLoader:
         self._spent = 0.0
         self._turn_pending = False
         self._ready: deque[FileHandle] = deque()  # with a place, waiting for a turn
-        self._handles: set[FileHandle] = set()    # not CLOSED
+        self._handles: set[FileHandle | FileConsumer] = set()  # not CLOSED: handles and writes
         self._state = _LoaderState.RUNNING
         self._closing: defer.Deferred[None] | None = None
         self.open_files = 0
@@ -259,6 +265,8 @@ class FileLoader:
         self.bytes = 0
         self.errors = 0
         self.cancelled = 0
+        self.written = 0      # committed writes (write(), file_consumer())
+        self.write_bytes = 0  # and their bytes
         add_trigger = getattr(reactor, "addSystemEventTrigger", None)  # a Clock has none
         self._trigger: Any = (add_trigger("before", "shutdown", self._at_shutdown)
                               if add_trigger is not None else None)
@@ -297,7 +305,7 @@ class FileLoader:
         if ready:
             self._schedule_turn()
 
-    def _forget(self, handle: FileHandle) -> None:
+    def _forget(self, handle: FileHandle | FileConsumer) -> None:
         self._handles.discard(handle)
         if self._state is _LoaderState.CLOSING and not self._handles:
             self._stop_engine()
@@ -441,9 +449,43 @@ class FileLoader:
         Deferred fails or when it is cancelled.  ``path`` only names the file
         in errors (default: what /proc/self/fd says).
         """
-        from .sendfile import adopt
+        refused = self._refusal()
+        if refused is not None:
+            os.close(fd)
+            return refused
+        return self._hand_out(lambda on_open: _AdoptedHandle(self, fd, path, on_open))
 
-        return adopt(self, fd, path)
+    def write(self, path: Any, data: Any, *, root: Root | None = None, atomic: bool = True,
+              mode: int = 0o644, fsync: bool = True) -> defer.Deferred[int]:
+        """Write ``data`` (bytes-like, copied) to ``path``; fires with its length.
+
+        Every system call runs in the I/O pool (on every engine), under this
+        loader's limits (a place under ``max_open``, or ``Overloaded``).
+        ``atomic``: a temporary file in the same directory (beneath ``root``
+        if given), written, fsync-ed, renamed over ``path``, then the
+        directory fsync-ed — readers see the old or the new file, and a
+        failed or cancelled write leaves no temporary file and the target as
+        it was.  Not atomic: ``path`` is truncated and written in place.
+        ``mode`` is the new file's mode; ``fsync=False`` skips both fsyncs.
+        Errors keep their type and the path (``OSError`` ENOSPC,
+        ``OutsideRoot``, ...).  See ``asyncfile.writer``.
+        """
+        from .writer import write
+
+        return write(self, path, data, root=root, atomic=atomic, mode=mode, fsync=fsync)
+
+    def file_consumer(self, path: Any, *, root: Root | None = None, atomic: bool = True,
+                      mode: int = 0o644, fsync: bool = True, max_buffer: int = 1 << 20) -> FileConsumer:
+        """An ``IConsumer`` (``asyncfile.writer.FileConsumer``) writing to
+        ``path`` like ``write``: register a producer or call ``write()``,
+        then ``finish()`` (fires with the bytes written) or ``abort()``.
+        At most ``max_buffer`` bytes wait before a streaming producer is
+        paused.  Raises ``Overloaded`` or ``LoaderClosed`` at once.
+        """
+        from .writer import file_consumer
+
+        return file_consumer(self, path, root=root, atomic=atomic, mode=mode, fsync=fsync,
+                             max_buffer=max_buffer)
 
     def open_root(self, path: Any, *, no_symlinks: bool = False) -> defer.Deferred[Root]:
         """A ``Root`` for confined opens beneath the directory ``path``.
@@ -488,6 +530,100 @@ class FileLoader:
         got.deferred.addCallbacks(opened, failed)
         return result
 
+    def listdir(self, path: Any, *, root: Root | None = None) -> defer.Deferred[list[str]]:
+        """The names in the directory ``path`` (beneath ``root`` if given; ``"."``
+        is the root itself), sorted, without ``.`` and ``..``.
+
+        Runs in the loader's I/O pool, never in the reactor thread: a listing
+        blocks for as long as the storage takes (a FUSE or NFS server), even
+        of a local directory that is large.  Its descriptor takes a place
+        under ``max_open`` like an open (``Overloaded`` when the queue is
+        full).  Confined like ``open`` (``OutsideRoot`` for ``..``, absolute
+        paths, symlinks leading outside).  Errors keep their type
+        (``FileNotFoundError``, ``NotADirectoryError``, ``PermissionError``).
+        Cancelling it gives up: a listing not started yet never runs; one
+        running ends in its thread and its result is dropped.  ``LoaderClosed``
+        / ``ForkedError`` as for loads, also for a listing that was running
+        when the loader closed.
+        """
+        try:
+            path = os.fsdecode(os.fspath(path))
+        except TypeError:
+            return defer.fail()
+        return self._off_thread(self._list_blocking, path, root)
+
+    @staticmethod
+    def _list_blocking(path: str, root: Root | None) -> list[str]:
+        """Blocking (a pool thread): open the directory (confined beneath
+        ``root``), list it through that descriptor, close it."""
+        flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+        if root is None:
+            fd = os.open(path, flags)
+        else:
+            from .confine import open_beneath
+
+            if root.closed:
+                raise ValueError(f"{root!r} is closed")
+            fd = open_beneath(root.fd, path, flags, no_symlinks=root.no_symlinks, method=root.method)
+        try:
+            return sorted(os.listdir(fd))
+        finally:
+            os.close(fd)
+
+    def _off_thread(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        """``f(*args)`` in the I/O pool, holding a place under ``max_open``."""
+        refused = self._refusal()
+        if refused is not None:
+            return refused
+        pool: Any = self.pool
+        if pool is None:  # an engine given as an object: its backend's pool, if any
+            pool = getattr(getattr(self.engine, "backend", None), "pool", None)
+            pool = getattr(pool, "pool", pool)  # RingBackend.pool is a PoolBackend
+        if pool is None or not hasattr(pool, "submit"):
+            return defer.fail(NotImplementedError(f"{self.engine!r} has no I/O pool"))
+        jobs: list[Any] = []
+
+        def cancel(_: Any) -> None:
+            self.cancelled += 1
+            if jobs:
+                pool.withdraw(jobs[0])  # a running call ends; its outcome is dropped
+            else:
+                acquiring.cancel()
+
+        result: defer.Deferred[Any] = defer.Deferred(cancel)
+
+        def granted(slot: Any) -> None:
+            if result.called:
+                slot.release()
+                return
+            d, job = pool.submit(f, *args)
+            jobs.append(job)
+
+            def done(outcome: Any) -> None:
+                slot.release()
+                if result.called:
+                    return
+                if self._state is _LoaderState.FORKED:
+                    outcome = Failure(ForkedError())
+                elif self._state is not _LoaderState.RUNNING:
+                    outcome = Failure(LoaderClosed())
+                if isinstance(outcome, Failure):
+                    if not outcome.check(defer.CancelledError):
+                        self.errors += 1
+                    result.errback(outcome)
+                else:
+                    result.callback(outcome)
+
+            d.addBoth(done)
+
+        def refused_place(failure: Failure) -> None:
+            if not result.called:
+                result.errback(failure)
+
+        acquiring = self._limiter.acquire()
+        acquiring.addCallbacks(granted, refused_place)
+        return result
+
     # -- the rest -----------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         from .confine import confinement_method
@@ -500,6 +636,8 @@ class FileLoader:
             "bytes": self.bytes,
             "errors": self.errors,
             "cancelled": self.cancelled,
+            "written": self.written,
+            "write_bytes": self.write_bytes,
             "confinement": confinement_method(),
             **self.engine.stats(),
         }
@@ -529,7 +667,7 @@ class FileLoader:
                 if not self._handles:
                     self._stop_engine()
         done: defer.Deferred[None] = defer.Deferred()
-        self._closing.addBoth(lambda r: (done.callback(None), r)[1])
+        self._closing.addBoth(lambda r: (done.callback(None), r)[1])  # type: ignore[call-overload, func-returns-value]
         return done
 
     def _stop_engine(self) -> None:
@@ -538,8 +676,8 @@ class FileLoader:
         self._state = _LoaderState.CLOSED
         d = defer.maybeDeferred(self.engine.stop)
         if self.pool is not None:
-            d.addBoth(lambda _: self.pool.stop())
-        d.addBoth(lambda _: self._closing.callback(None))
+            d.addBoth(lambda _: self.pool.stop())  # type: ignore[call-overload]  # not None
+        d.addBoth(lambda _: self._closing.callback(None))  # type: ignore[call-overload, union-attr]
 
 
 _default: FileLoader | None = None

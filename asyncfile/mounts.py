@@ -100,7 +100,7 @@ class MountTable:
             self._poller = None
 
     def _reload(self) -> None:
-        chunks = []
+        chunks: list[bytes] = []
         while True:  # reread from the start of the same fd: that re-arms poll
             data = os.pread(self._fd, 1 << 16, sum(map(len, chunks)))
             if not data:

@@ -55,6 +55,7 @@ class BufferSink:
     """
 
     def __init__(self, expected: int, limit: int | None, chunk_size: int) -> None:
+        self.obj: bytes | bytearray | None  # None once discarded
         self.obj, self.buf = _buffers.allocate(expected)
         self.limit = limit
         self.chunk_size = chunk_size
@@ -209,12 +210,12 @@ class FileReader(abstract.FileDescriptor):
     def _register(self) -> None:
         if not self._registered:
             self._registered = True
-            self.startReading()
+            self.startReading()  # type: ignore[no-untyped-call]  # Twisted's, unannotated
 
     def _unregister(self) -> None:
         if self._registered:
             self._registered = False
-            self.stopReading()
+            self.stopReading()  # type: ignore[no-untyped-call]
 
     # -- driving --------------------------------------------------------
     def start(self, inline_steps: int | None = None) -> defer.Deferred[Any]:
@@ -362,7 +363,7 @@ class FileReader(abstract.FileDescriptor):
         self.connected = 0
         if outcome is None:
             try:
-                outcome = self.sink.result()
+                outcome = self.sink.result()  # type: ignore[assignment]  # the result, not a Failure
             except Exception:
                 outcome = Failure()
         else:

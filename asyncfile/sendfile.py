@@ -91,7 +91,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import _buffers
-from .engines.base import Op, OpenedFile, check_regular
+from .engines.base import Op
 from .errors import ConsumerStopped
 from .handle import FileHandle, HandleState
 
@@ -135,10 +135,10 @@ def stats() -> dict[str, int]:
     """Totals over all transfers: ``transfers``, ``zero_copy``, ``fallbacks``,
     ``sendfile_calls``, ``sendfile_bytes``, ``residency_checks``,
     ``offthread_reads``, ``offthread_bytes``, ``writable_waits``,
-    ``stream_bytes``, ``stopped``, ``failed``."""
+    ``socket_full``, ``stream_bytes``, ``stopped``, ``failed``."""
     keys = ("transfers", "zero_copy", "fallbacks", "sendfile_calls", "sendfile_bytes",
             "residency_checks", "offthread_reads", "offthread_bytes", "writable_waits",
-            "stream_bytes", "stopped", "failed")
+            "socket_full", "stream_bytes", "stopped", "failed")
     return {k: _TOTALS[k] for k in keys}
 
 
@@ -374,7 +374,9 @@ class SendfileTransfer:
     ``"sendfile"`` or ``"read"`` (``reason`` says why); the counters say what
     happened: ``sendfile_calls``, ``sendfile_bytes``, ``residency_checks``,
     ``offthread_reads``/``offthread_bytes`` (missing pages read off the
-    reactor thread), ``writable_waits``, ``stream_bytes`` (read path).
+    reactor thread), ``writable_waits`` (turn budget or full socket),
+    ``socket_full`` (of those, the socket took less than offered: a short
+    ``sendfile`` or ``EAGAIN``), ``stream_bytes`` (read path).
     ``pauseProducing``/``resumeProducing``/``stopProducing`` let an owner
     (``FileSender``) control it; the transport's backpressure needs none.
 
@@ -419,6 +421,7 @@ class SendfileTransfer:
         self.offthread_reads = 0
         self.offthread_bytes = 0
         self.stream_bytes = 0
+        self.socket_full = 0
 
     @property
     def written(self) -> int:
@@ -537,10 +540,12 @@ class SendfileTransfer:
             try:
                 sent = os.sendfile(sock, fd, pos, resident)
             except (BlockingIOError, InterruptedError):
+                self.socket_full += 1
                 hook.want_writable()
                 return
             except OSError as e:
                 if e.errno == errno.ENOBUFS:
+                    self.socket_full += 1
                     hook.want_writable()
                 elif e.errno in _SOCKET_GONE:
                     # The peer is gone.  End now, then disconnect the transport
@@ -562,8 +567,17 @@ class SendfileTransfer:
                 return
             self.pos += sent
             self.sendfile_bytes += sent
-            if sent < resident or perf_counter() >= deadline:
-                hook.want_writable()  # the socket is full, or the turn is over
+            if self.pos == self.stop_at:
+                # The last byte is on the socket: say so now, not a turn later
+                # (a client that has its whole answer may close at once).
+                self._finish(None)
+                return
+            if sent < resident:
+                self.socket_full += 1
+                hook.want_writable()  # the socket is full
+                return
+            if perf_counter() >= deadline:
+                hook.want_writable()  # the turn is over
                 return
 
     def _read_missing(self, pos: int, n: int) -> None:
@@ -685,6 +699,9 @@ class SendfileTransfer:
         outcome = self._outcome if self._outcome is not None else self.written
         self._outcome = None
         self._count(outcome)
+        hook = self._hook
+        if hook is not None:  # its callbacks are our bound methods: a reference cycle
+            hook.on_writable = hook.on_stop = _nothing
         handle = self.handle
         handle.remove_reader(self)  # type: ignore[arg-type]  # duck-typed: end(failure)
         if self.own_handle:
@@ -694,7 +711,7 @@ class SendfileTransfer:
 
     def _count(self, outcome: Any) -> None:
         for key in ("sendfile_calls", "sendfile_bytes", "residency_checks", "offthread_reads",
-                    "offthread_bytes", "stream_bytes"):
+                    "offthread_bytes", "stream_bytes", "socket_full"):
             _TOTALS[key] += getattr(self, key)
         _TOTALS["writable_waits"] += self.writable_waits
         if isinstance(outcome, Failure):
@@ -711,6 +728,10 @@ class SendfileTransfer:
                 self.deferred.errback(outcome)
             else:
                 self.deferred.callback(outcome)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _release(view: memoryview | None) -> None:
@@ -757,7 +778,7 @@ def send_file(loader: Any, source: Any, transport: Any, offset: int = 0,
             fd = os.dup(source)
         except OSError:
             return defer.fail()
-        opening = adopt(loader, fd)
+        opening = loader.adopt(fd)
     else:
         opening = loader.open(source, root=root)
     result: defer.Deferred[int] = defer.Deferred(lambda _: current[0].cancel())
@@ -776,131 +797,9 @@ def send_file(loader: Any, source: Any, transport: Any, offset: int = 0,
     return result
 
 
-# -- adopting a descriptor (until FileLoader.adopt exists) -----------------------------
-def _stat_fd(fd: int, path: str) -> OpenedFile:
-    st = os.fstat(fd)
-    check_regular(st.st_mode, path)
-    return OpenedFile(fd, st.st_size, st.st_dev, path, st.st_ino, st.st_mtime_ns)
-
-
-def _fd_target(fd: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return None
-
-
-def _opens_fast(engine: Any, target: str | None) -> bool:
-    """Whether calls on this descriptor (fstat, close) may run in the reactor
-    thread: a local mount per the engine's inline policy, or a kernel object
-    (``pipe:[..]``, ``socket:[..]``: refused as not regular, closed at once).
-    /proc readlink is answered by the kernel, without a round trip to the
-    file system."""
-    inline = getattr(engine, "inline", None)
-    if inline is None or target is None:
-        return False
-    if not target.startswith("/"):
-        return True
-    return not inline.is_slow_mount(target)
-
-
-def _io_pool(loader: Any) -> Any:
-    pool = getattr(loader, "pool", None)
-    if pool is not None:
-        return pool
-    backend = getattr(getattr(loader, "engine", None), "backend", None)
-    pool = getattr(backend, "pool", None)
-    return getattr(pool, "pool", pool)  # RingBackend.pool is a PoolBackend
-
-
-def _run_off_thread(loader: Any, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-    pool = _io_pool(loader)
-    if pool is not None and hasattr(pool, "run"):
-        d: defer.Deferred[Any] = pool.run(f, *args)
-        return d
-    from twisted.internet import threads
-
-    return threads.deferToThreadPool(loader.reactor, loader.reactor.getThreadPool(), f, *args)
-
-
-class _AdoptedHandle(FileHandle):
-    """A ``FileHandle`` whose "open" is an ``fstat`` of a descriptor it was given.
-
-    It takes a place under ``max_open`` like any handle (the descriptor
-    counts), and owns the descriptor from the start: every way to CLOSED
-    closes it exactly once (unclassified: here, inline or in the pool; once
-    it became the handle's file: by the engine, as any other).
-    """
-
-    __slots__ = ("_adopted", "_fast")
-
-    def __init__(self, loader: Any, fd: int, path: str, fast: bool, on_open: Callable[[Any], None]) -> None:
-        super().__init__(loader, path, None, on_open)
-        self._adopted = fd
-        self._fast = fast
-
-    def _open_now(self) -> None:
-        loader = self.loader
-        fd = self._adopted
-        if self._fast:
-            started = perf_counter()
-            try:
-                f = _stat_fd(fd, self.path)
-            except Exception:
-                loader._charge(perf_counter() - started)
-                self._open_failed(Failure())
-                return
-            loader._charge(perf_counter() - started)
-            self._adopted = -1
-            self._classified(f, "inline")
-            self._opened(f)
-            return
-        self._move(HandleState.OPENING)
-        op = Op()  # not cancellable: an fstat is short; a CANCELLING handle waits for it
-        self._op = op
-        _run_off_thread(loader, _stat_fd, fd, self.path).chainDeferred(op.deferred)
-        op.deferred.addCallbacks(self._stat_done, self._open_failed)
-
-    def _stat_done(self, f: OpenedFile) -> None:
-        self._adopted = -1
-        self._classified(f, "pool")
-        self._opened_async(f)
-
-    def _classified(self, f: OpenedFile, via: str) -> None:
-        f.via = via
-        inline = getattr(self.loader.engine, "inline", None)
-        if inline is not None:
-            inline.classify(f)
-
-    def _finish_closed(self, failure: Failure | None) -> None:
-        fd, self._adopted = self._adopted, -1
-        if fd >= 0 and not self._fast:  # never became the handle's file; close may block
-            # The place is given back and the opener told once it is closed.
-            _run_off_thread(self.loader, os.close, fd).addBoth(
-                lambda _: FileHandle._finish_closed(self, failure))
-            return
-        if fd >= 0:
-            os.close(fd)
-        super()._finish_closed(failure)
-
-
+# -- adopting a descriptor ----------------------------------------------------------------
 def adopt(loader: Any, fd: int, path: str | None = None) -> defer.Deferred[FileHandle]:
-    """A ``FileHandle`` of ``loader`` that owns the open descriptor ``fd``
-    (closed by ``handle.close()``, or at once if this fails or is cancelled).
-
-    Stands in for a ``FileLoader.adopt(fd, path=None)``: it waits for a place
-    under ``max_open``, ``fstat``s the descriptor (in the reactor thread on a
-    local mount, else off it), refuses non-regular files with the loader's
-    errors, and classifies the file as ``loader.open`` does.  ``path`` is
-    only a name for messages (default: what /proc says).
-    """
-    refused = loader._refusal()
-    if refused is not None:
-        os.close(fd)
-        return refused  # type: ignore[no-any-return]
-    target = _fd_target(fd)
-    name = path if path is not None else (target or f"<fd {fd}>")
-
-    fast = _opens_fast(loader.engine, target)
-    return loader._hand_out(  # type: ignore[no-any-return]
-        lambda on_open: _AdoptedHandle(loader, fd, name, fast, on_open))
+    """``loader.adopt(fd, path)`` (this module's name for it predates the
+    method; the handle is ``asyncfile.handle._AdoptedHandle``)."""
+    d: defer.Deferred[FileHandle] = loader.adopt(fd, path)
+    return d

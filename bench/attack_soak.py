@@ -509,7 +509,7 @@ class Plan:
             name = "missing.jpg" if self._missing % 2 else f"missing-{self._missing}.jpg"
             return Req(kind, t.url(name, rng.choice(["", "w=100"])), frozenset({"404"}), check="error")
         if kind == "bad parameters (400)":
-            query = rng.choice(["w=abc", "w=0", "fit=bogus&w=10", "fm=gif&w=10", "q=101&w=10", "w=10&w=11",
+            query = rng.choice(["w=abc", "w=0", "fit=bogus&w=10", "fm=jp2&w=10", "q=101&w=10", "w=10&w=11",
                                 "w=99999", "nope=1"])
             return Req(kind, t.url(rng.choice(t.src), query), frozenset({"400"}), check="error")
         if kind == "forbidden path (403)":

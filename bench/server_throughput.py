@@ -12,10 +12,13 @@ several names per image, so that no two requests in flight are identical:
 imgserver shares one processing among identical requests, and cycling 24 URLs
 over 64 connections would measure that sharing (several times the raw rate),
 not the processing.  The table shows how many requests were shared (should be 0).
-The baseline is ``bench.pipeline.raw_pipeline_rate``: the same
+The baselines are ``bench.pipeline.raw_pipeline_rate``: the same
 ``processing`` function on the same images, already in memory, in as many
 plain threads as the server has workers, with no HTTP, no reactor and no
-load generator.  Rounds alternate the two, so machine noise hits both; the
+load generator; and ``bench.quality.plain_pillow_rate``: the plain-Pillow
+loop of the same resize pipeline (draft, convert, one resize, JPEG into a
+memfd: no imgserver code), the cheapest loop that reaches imgserver's output
+quality (see bench/quality.py; issue 12's target: imgserver >= 95% of it).  Rounds alternate the two, so machine noise hits both; the
 summary gives the best round of each, the median of the per-round ratios and
 images per CPU-second (which other processes on a shared machine disturb
 least).
@@ -47,6 +50,7 @@ from _common import table
 
 import pipeline
 from pipeline import corpus_files, raw_pipeline_rate
+from quality import plain_pillow_rate
 
 QUERY = "w=256&h=256&fit=crop&fm=jpg&q=80"
 
@@ -174,18 +178,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"load:   {_servers.wrk_version()}, 1 thread, {args.connections} keep-alive connections, "
               f"{len(paths)} URLs cycled ({copies} copies per JPEG)")
         print(f"raw:    bench.pipeline.raw_pipeline_rate, {args.workers} threads, images in memory")
-        print(f"{args.rounds} rounds of {args.seconds:g} s each (server and raw, alternated)\n")
+        print(f"{args.rounds} rounds of {args.seconds:g} s each (server, raw and plain loop, alternated)\n")
 
         if args.warmup > 0:
             _servers.run_wrk(port, paths, connections=args.connections, seconds=args.warmup, workdir=work)
             _servers.wait_imgserver_idle(port)
 
         rows = []
-        rates: dict[str, list[float]] = {"server": [], "raw": []}
-        per_cpu: dict[str, list[float]] = {"server": [], "raw": []}
+        rates: dict[str, list[float]] = {"server": [], "raw": [], "plain": []}
+        per_cpu: dict[str, list[float]] = {"server": [], "raw": [], "plain": []}
         problems = 0
         for r in range(args.rounds):
-            order = ("server", "raw") if r % 2 == 0 else ("raw", "server")
+            order = ("server", "raw", "plain") if r % 2 == 0 else ("plain", "raw", "server")
             for which in order:
                 if which == "server":
                     shared0 = _servers.metric(port, "imgserver_coalesced_total") or 0
@@ -202,11 +206,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     _servers.wait_imgserver_idle(port)
                 else:
                     idle0 = _servers.system_idle()
-                    rate = raw_pipeline_rate(jpegs, args.workers, args.seconds)
+                    if which == "raw":
+                        rate = raw_pipeline_rate(jpegs, args.workers, args.seconds)
+                        label = f"raw pipeline ({args.workers} threads)"
+                    else:
+                        rate = plain_pillow_rate(jpegs, args.workers, args.seconds)
+                        label = f"plain Pillow loop ({args.workers} threads)"
                     cpu = pipeline.last_cpu_use
                     idle = _servers.idle_share(idle0, _servers.system_idle())
-                    rows.append([f"raw pipeline ({args.workers} threads)", r + 1, rate,
-                                 f"{cpu:.2f}", rate / cpu, "-", f"{idle:.2f}", "-", "-"])
+                    rows.append([label, r + 1, rate, f"{cpu:.2f}", rate / cpu, "-", f"{idle:.2f}", "-", "-"])
                 rates[which].append(rate)
                 per_cpu[which].append(rate / cpu)
 
@@ -223,6 +231,16 @@ def main(argv: Sequence[str] | None = None) -> int:
              pct(max(per_cpu["server"]), max(per_cpu["raw"]))],
         ]
         print(table(["imgserver vs raw pipeline (target >= 85%)", "imgserver", "raw", "ratio"], summary))
+        print()
+        paired = sorted(s / p for s, p in zip(rates["server"], rates["plain"]))
+        summary = [
+            ["images/s, best round of each", max(rates["server"]), max(rates["plain"]),
+             pct(max(rates["server"]), max(rates["plain"]))],
+            ["images/s, median of the per-round ratios", "-", "-", f"{100 * statistics.median(paired):.0f}%"],
+            ["images per CPU-second, best round of each", max(per_cpu["server"]), max(per_cpu["plain"]),
+             pct(max(per_cpu["server"]), max(per_cpu["plain"]))],
+        ]
+        print(table(["imgserver vs plain Pillow loop (target >= 95%)", "imgserver", "plain", "ratio"], summary))
         print("\ncpu s/s: CPU seconds per second used by the server process (all threads) or by the "
               "raw pipeline's process; images/cpu-s: images per CPU-second (less sensitive to other "
               "processes on the machine); wrk cpu: the load generator's; idle: share of the machine's "

@@ -2,13 +2,17 @@
 
     imgserver [--root DIR] [--http ENDPOINT] [--pb ENDPOINT] [--workers N] [--max-queue N]
               [--cache-mb N] [--secret KEY] [--max-pixels N] [--max-file-mb N] [--timeout SECONDS]
-              [--grace SECONDS] [--demo]
+              [--grace SECONDS] [--gallery] [--demo [--serve]]
 
 Endpoints are Twisted endpoint strings (``tcp:8080``, ``tcp:8080:interface=127.0.0.1``,
 ``unix:/run/img.sock``).  With no ``--root`` it serves the built-in samples.
 SIGTERM or SIGINT: stop accepting, let work in flight finish (at most
 ``--grace`` seconds), exit 0.  ``--demo`` starts on free local ports, asks
-itself for a few images over HTTP and PB, prints what happened and exits.
+itself for a few images over HTTP and PB, prints what happened and exits;
+``--demo --serve`` then keeps serving (with the gallery) and prints its URL.
+``--gallery``: an HTML gallery of every image under the root at ``/``
+(:mod:`imgserver.gallery`; it lists every name, with a secret it hands out
+signed URLs: off unless asked).
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ _OPTION_FOR = {
     "idle_timeout": ("--idle-timeout", float),
     "send_timeout": ("--send-timeout", float),
     "max_streams": ("--max-streams", int),
+    "max_frames": ("--max-frames", int),
+    "presets": ("--preset", str),  # repeatable: NAME:QUERY
 }
 
 
@@ -66,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     for field in fields(Settings):
         option, kind = _OPTION_FOR[field.name]
         default = getattr(defaults, field.name) if field.name != "secret" else None
-        parser.add_argument(option, dest=field.name, type=kind, default=default,
-                            help=helps.get(field.name, ""))
+        repeated = {"action": "append", "default": None} if field.name == "presets" else {"default": default}
+        parser.add_argument(option, dest=field.name, type=kind, help=helps.get(field.name, ""), **repeated)
     parser.add_argument("--http", default=DEFAULT_HTTP, help="HTTP endpoint ('none' to disable)")
     parser.add_argument("--pb", default=DEFAULT_PB,
                         help="Perspective Broker endpoint ('none' to disable); clients log in with "
@@ -77,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds work in flight may take to finish at shutdown")
     parser.add_argument("--demo", action="store_true",
                         help="serve on free local ports, fetch a few images from itself, print, exit")
+    parser.add_argument("--serve", action="store_true",
+                        help="with --demo: keep serving afterwards (gallery on) and print its URL")
+    parser.add_argument("--gallery", action="store_true",
+                        help="an HTML gallery of every image under the root at / (lists every name; with a "
+                             "secret it hands out signed URLs for every image)")
     parser.add_argument("--quiet", action="store_true", help="no access log on stdout")
     parser.add_argument("--switch-interval", type=float, default=0.001,
                         help="Python's GIL switch interval in seconds: how long the reactor thread may "
@@ -91,12 +102,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 class Server:
     """The service and its listening ports, with a graceful stop."""
 
-    def __init__(self, reactor: Any, settings: Settings) -> None:
+    def __init__(self, reactor: Any, settings: Settings, *, gallery: bool = False) -> None:
         self.reactor = reactor
         self.settings = settings
         self.service = ImageService(settings, reactor)
         self.metrics = Metrics(self.service)
-        self.site = make_site(self.service, self.metrics)
+        self.site = make_site(self.service, self.metrics, gallery=gallery)
         self.ports: list[Any] = []
         self.http_port: Any = None
         self.pb_port: Any = None
@@ -149,7 +160,7 @@ class Server:
 async def _serve(reactor: Any, args: argparse.Namespace, settings: Settings) -> None:
     from .pb import ExposedWithoutSecret
 
-    server = Server(reactor, settings)
+    server = Server(reactor, settings, gallery=args.gallery)
     try:
         await server.listen(args.http, args.pb)
     except ExposedWithoutSecret as e:
@@ -181,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             check_exposure(args.pb, settings.secret)
     except ValueError as e:
         build_parser().error(str(e))
+    if args.serve and not args.demo:
+        build_parser().error("--serve goes with --demo")
     sys.setswitchinterval(args.switch_interval)
     if args.demo:
         from .demo import run_demo

@@ -1,4 +1,8 @@
-"""``imgserver --demo``: start on free local ports, ask for images over HTTP and PB, print, exit."""
+"""``imgserver --demo``: start on free local ports, ask for images over HTTP and PB, print, exit.
+
+``imgserver --demo --serve``: the same, then keep serving (the gallery at
+``/`` included) until SIGINT/SIGTERM, having printed the gallery's URL.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ async def _get(agent: Agent, url: str) -> tuple[int, dict[str, str], bytes]:
 
 
 def _describe(body: bytes) -> str:
+    if body.startswith(b"<!doctype html>"):
+        return f"HTML, {len(body):,} bytes, {body.count(b'<img ')} images"
     try:
         with Image.open(io.BytesIO(body)) as im:
             return f"{im.format} {im.width}x{im.height}"
@@ -49,12 +55,13 @@ def _describe(body: bytes) -> str:
 async def run_demo(reactor: Any, settings: Settings, args: argparse.Namespace) -> None:
     from .cli import Server
 
-    server = Server(reactor, settings)
+    server = Server(reactor, settings, gallery=True)
     await server.listen("tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1")
     base = f"http://127.0.0.1:{server.http_port.getHost().port}"
     print(f"imgserver demo: serving {settings.image_root} on {base} and PB port {server.pb_port.getHost().port}\n")
     agent = Agent(reactor)
     requests = [
+        "/",  # the gallery
         "/info/photo.jpg",
         "/images/photo.jpg?w=320",
         "/images/photo.jpg?w=200&h=200&fit=crop&fm=webp&q=80",
@@ -90,4 +97,15 @@ async def run_demo(reactor: Any, settings: Settings, args: argparse.Namespace) -
           f"{stats['cache']['misses']} misses, files loaded {stats['files']['loaded']} "
           f"({stats['files']['inline_reads']} inline reads, {stats['files']['pool_reads']} in the pool), "
           f"rejected {stats['rejected']}")
+    if getattr(args, "serve", False):
+        await _keep_serving(reactor, server, base)
+        return
     await server.stop(grace=5)
+
+
+async def _keep_serving(reactor: Any, server: Any, base: str) -> None:
+    """Serve until the reactor is stopped (SIGINT, SIGTERM), then stop gracefully."""
+    print(f"\nimgserver demo: the gallery is at {base}/ (Ctrl-C to stop)", flush=True)
+    reactor.addSystemEventTrigger("before", "shutdown",
+                                  lambda: defer.Deferred.fromCoroutine(server.stop(grace=5)))
+    await defer.Deferred()  # until a signal stops the reactor

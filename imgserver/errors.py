@@ -118,7 +118,7 @@ class UnsupportedImage(ImageServerError):
 
     status = 415
     code = "unsupported_image"
-    default_message = "not a supported image (JPEG, PNG or WebP)"
+    default_message = "not a supported image (JPEG, PNG, WebP, GIF or AVIF)"
 
 
 class CorruptImage(UnsupportedImage):

@@ -17,12 +17,15 @@ and :func:`configure_pillow` once at start-up.
 
 Supported sources
 -----------------
-**JPEG** (including MPO: first picture), **PNG** (APNG: first frame) and
-**WebP** (animated: first frame).  GIF, TIFF, BMP, HEIF/AVIF and everything
-else are refused with :class:`~imgserver.errors.UnsupportedImage` (415)
-without being parsed (``Image.open(..., formats=...)``): a smaller decoder
-surface, and every output format handles what these three hold.  A file that
-starts like one of the three but cannot be read is
+**JPEG** (including MPO: first picture), **PNG** (and APNG), **WebP**,
+**GIF**, **AVIF** (libavif with dav1d), and **HEIF/HEIC** when the optional
+``pillow-heif`` plugin is installed; the table is :mod:`imgserver.formats`.
+Animated files give their first frame unless ``frame``/``animated`` ask for
+more (bounded by ``max_frames`` and, decoded frames x pixels, by
+``max_pixels``).  TIFF, BMP and everything else are refused with
+:class:`~imgserver.errors.UnsupportedImage` (415) without being parsed
+(``Image.open(..., formats=...)``): a smaller decoder surface.  A file that
+starts like a supported format but cannot be read is
 :class:`~imgserver.errors.CorruptImage` (422).  Whatever Pillow raises while
 parsing or decoding a file becomes one of these two (or
 :class:`~imgserver.errors.TooLarge`), never another exception -- except
@@ -55,7 +58,7 @@ only.  Pillow keeps pixels in 1 (modes 1, L, P), 2 (I;16) or 4 bytes (every
 other mode, RGB included) per pixel -- written ``bpp(mode)`` below.  With
 ``F`` the file size, ``S`` the decoded source pixels (after JPEG ``draft``
 scaling: ``ceil(w / s) x ceil(h / s)`` with the ``s`` in 1, 2, 4, 8 that
-``draft`` picks for ``REDUCING_GAP`` x the needed size), ``O`` the output
+``draft`` picks for ``DRAFT_GAP`` x the needed size), ``O`` the output
 pixels::
 
     estimate = overhead                                    (header.overhead_bytes)
@@ -148,9 +151,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from PIL import Image, ImageCms, PngImagePlugin
+from PIL import AvifImagePlugin, Image, ImageCms, ImageFilter, PngImagePlugin
 
-from imgserver.errors import CorruptImage, TooLarge, UnsupportedImage
+from imgserver import formats
+from imgserver.errors import BadRequest, CorruptImage, TooLarge, UnsupportedImage
 from imgserver.params import TransformSpec
 
 __all__ = [
@@ -171,8 +175,8 @@ __all__ = [
     "configure_pillow",
 ]
 
-#: Canonical format name -> MIME type.
-CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+#: Canonical format name -> MIME type (from :mod:`imgserver.formats`).
+CONTENT_TYPES = formats.CONTENT_TYPES
 
 #: ``max_output_pixels`` when a caller gives none (``settings.max_output_pixels``' default).
 DEFAULT_MAX_OUTPUT_PIXELS = 25_000_000
@@ -187,18 +191,35 @@ ICC_CACHE_SIZE = 32
 #: :func:`configure_pillow` ran (Pillow's default is 64 MiB).
 PNG_TEXT_MEMORY = 8 << 20
 
-# Pillow format name -> canonical name.  MPO is a JPEG with extra pictures.
-_SOURCE_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp"}
-_OPEN_FORMATS = ("JPEG", "PNG", "WEBP")
-_SAVE_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+#: ``max_frames`` when a caller gives none (``settings.max_frames``' default).
+DEFAULT_MAX_FRAMES = 100
+
+#: AVIF encoder speed (0 slowest .. 10 fastest); imgproxy's default is 9 too:
+#: on 256-640 px photos here speed 9 encodes in about WebP's time, speed 6
+#: takes 5-20x longer for files 5-25% smaller.
+AVIF_SPEED = 9
 
 # Largest side each encoder can write.
-_MAX_SIDE = {"jpeg": 65500, "png": 2**31 - 1, "webp": 16383}
+_MAX_SIDE = {name: f.max_side for name, f in formats.FORMATS.items() if f.writable}
 
-#: ``draft`` and ``resize`` keep this factor of margin over the target size,
-#: as ``Image.thumbnail`` does: JPEG DCT scaling and ``reduce()`` do the cheap
-#: integer shrinking, a final Lanczos pass does the last <= 2x with full quality.
-REDUCING_GAP = 2.0
+#: The resampling filter of the one resize, and the margins below: chosen with
+#: bench/quality.py.  Of the pipelines whose SSIM loss against a full-resolution
+#: Lanczos resize stays under a quarter of JPEG q80's own loss on every
+#: workload (the worst image under half of it), Lanczos after ``draft`` to
+#: 1.5x with ``reducing_gap`` 2 is as cheap as any (within the 5% that runs
+#: differ by) and the most faithful: 1.3x the JPEG thumbnails per CPU-second
+#: of draft to 2x (libjpeg decodes a 2560-px photo at 1/4 instead of 1/2 for a
+#: 256-px crop), SSIM 0.997.  Drafting to 1x (the cheapest plain loop) loses
+#: too much on some images (worst SSIM 0.982 where libjpeg's 1/8 scaling lands
+#: on the target size).
+RESAMPLE = Image.Resampling.LANCZOS
+
+#: JPEG ``draft`` decodes at no less than this multiple of the needed size
+#: (DCT scaling by 1/2, 1/4, 1/8), and ``resize`` first shrinks by an integer
+#: factor with ``reduce()`` while that leaves at least ``REDUCING_GAP`` x the
+#: output (None: never).  Chosen with bench/quality.py (see there).
+DRAFT_GAP = 1.5
+REDUCING_GAP: float | None = 2.0
 
 _ORIENTATION = 0x0112
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
@@ -211,19 +232,6 @@ _TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-
-# Magic numbers: ours (to tell "corrupt" from "not an image") and some others
-# (for a helpful 415 message).
-_MAGIC = (
-    (b"\xff\xd8\xff", "jpeg"),
-    (b"\x89PNG\r\n\x1a\n", "png"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-    (b"\x00\x00\x01\x00", "ICO"),
-)
 
 _KIB = 1024
 _MIB = 1024 * 1024
@@ -300,6 +308,7 @@ class Result:
     width: int
     height: int
     format: str
+    frames: int = 1
 
 
 @dataclass(frozen=True)
@@ -326,6 +335,8 @@ def configure_pillow(max_pixels: int) -> None:
     * Pillow's other warnings (corrupt EXIF, malformed MPO, invalid APNG, ...:
       one per hostile file) are ignored rather than printed on stderr.
     * ``PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_MEMORY`` (see *Limits*).
+    * libavif decodes with one thread (``AvifImagePlugin.DEFAULT_MAX_THREADS``):
+      each worker is one core, as for every other format.
 
     Process-wide state, idempotent (warning filters are not duplicated).  The
     filters are process-wide on purpose: ``warnings.catch_warnings()`` per
@@ -333,6 +344,7 @@ def configure_pillow(max_pixels: int) -> None:
     """
     Image.MAX_IMAGE_PIXELS = max_pixels
     PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_MEMORY
+    AvifImagePlugin.DEFAULT_MAX_THREADS = 1  # one core per worker: workers are the parallelism
     warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
     # Inserted in front of the line above, so it wins for this category.
     warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
@@ -343,24 +355,40 @@ def configure_pillow(max_pixels: int) -> None:
 
 
 def _sniff(data: bytes) -> str | None:
-    for magic, name in _MAGIC:
-        if data.startswith(magic):
-            return name
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    if data[4:8] == b"ftyp":
-        return "HEIF/AVIF"
-    return None
+    return formats.sniff(data[:64])
+
+
+def _open_formats() -> tuple[str, ...]:
+    """Pillow formats ``Image.open`` may try: ours, HEIF only with its plugin."""
+    names = ["JPEG", "PNG", "WEBP", "GIF", "AVIF"]
+    if formats.heif_available():
+        _register_heif()
+        names.append("HEIF")
+    return tuple(names)
+
+
+_heif_registered = False
+
+
+def _register_heif() -> None:
+    global _heif_registered
+    if not _heif_registered:
+        import pillow_heif
+
+        pillow_heif.register_heif_opener(thumbnails=False)
+        _heif_registered = True
 
 
 def _not_opened(data: bytes) -> UnsupportedImage:
     """The error for data Pillow could not open: corrupt if it looks like ours."""
     kind = _sniff(data)
-    if kind in CONTENT_TYPES:
+    if kind == "heif" and not formats.heif_available():
+        return UnsupportedImage("HEIF images need the pillow-heif plugin on the server")
+    if kind in formats.FORMATS:
         return CorruptImage(f"{kind.upper()} header is truncated or corrupt")
     if kind is not None:
-        return UnsupportedImage(f"{kind} images are not supported (JPEG, PNG or WebP only)")
-    return UnsupportedImage("not an image (JPEG, PNG or WebP expected)")
+        return UnsupportedImage(f"{kind} images are not supported (JPEG, PNG, WebP, GIF or AVIF only)")
+    return UnsupportedImage("not an image (JPEG, PNG, WebP, GIF or AVIF expected)")
 
 
 def _too_many_pixels(width: int, height: int, max_pixels: int) -> TooLarge:
@@ -413,7 +441,7 @@ def _open(data: bytes, max_pixels: int | None) -> tuple[Image.Image, _PngChunks 
         if chunks.plain_text > PngImagePlugin.MAX_TEXT_MEMORY:
             raise TooLarge("image metadata (PNG text) is too large")
     try:
-        im = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
+        im = Image.open(io.BytesIO(data), formats=_open_formats())
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # The warning only if a filter made it an error (configure_pillow).
         raise TooLarge(
@@ -426,7 +454,7 @@ def _open(data: bytes, max_pixels: int | None) -> tuple[Image.Image, _PngChunks 
             raise TooLarge("image metadata (PNG text) is too large") from None
         raise _not_opened(data) from None
     try:
-        if im.format not in _SOURCE_FORMATS:
+        if formats.by_pillow_name(im.format) is None:
             raise UnsupportedImage("unsupported image format")
         width, height = im.size
         if width < 1 or height < 1:
@@ -614,7 +642,7 @@ def _png_chunks(data: bytes) -> _PngChunks:
 
 def _header_from(im: Image.Image, data: bytes, chunks: _PngChunks | None) -> Header:
     """A :class:`Header` for an opened (not loaded) image."""
-    fmt = _SOURCE_FORMATS[im.format]
+    fmt = _format_name(im)
     mode = im.mode
     orientation = _orientation(im)
     file_size = len(data)
@@ -646,8 +674,12 @@ def _header_from(im: Image.Image, data: bytes, chunks: _PngChunks | None) -> Hea
         overhead += 11 * chunks.text + 2 * chunks.metadata + im.width * 32
         if icc:
             overhead += 2 * PngImagePlugin.MAX_TEXT_CHUNK  # iCCP is inflated at most this far
-    else:  # webp: Pillow and libwebp each keep a copy of the file
+    elif fmt == "webp":  # Pillow and libwebp each keep a copy of the file
         overhead += 2 * file_size
+    elif fmt in ("avif", "heif"):  # the decoder's copy of the file; its state
+        overhead += file_size + 4 * _MIB
+    else:  # gif: the LZW decoder's state; frames are scanned, not decoded
+        overhead += 64 * _KIB
     # EXIF parsed into Python objects: Pillow reads at most the EXIF's size of
     # tag data, in at most 65535 tags of ~200 bytes.
     overhead += len(exif) + min(16 * len(exif), 16 * _MIB)
@@ -709,41 +741,122 @@ def info(data: bytes, max_pixels: int | None = None) -> dict[str, object]:
 
 # ---------------------------------------------------------------------------
 # Geometry
+#
+# Orientations are the eight symmetries of a rectangle, kept as 2x2 matrices
+# (a, b, c, d) acting on coordinates centred on the image: (x, y) ->
+# (a x + b y, c x + d y).  The EXIF orientation (or ``orient``), ``flip`` and
+# the multiple-of-90 part of ``rot`` compose into one; the pipeline resizes the
+# stored pixels and applies that one transposition to the small result.
+
+_Matrix = tuple[int, int, int, int]
+_IDENTITY: _Matrix = (1, 0, 0, 1)
+_MATRICES: dict[Image.Transpose, _Matrix] = {
+    Image.Transpose.FLIP_LEFT_RIGHT: (-1, 0, 0, 1),
+    Image.Transpose.FLIP_TOP_BOTTOM: (1, 0, 0, -1),
+    Image.Transpose.ROTATE_180: (-1, 0, 0, -1),
+    Image.Transpose.TRANSPOSE: (0, 1, 1, 0),
+    Image.Transpose.ROTATE_90: (0, 1, -1, 0),  # counter-clockwise
+    Image.Transpose.ROTATE_270: (0, -1, 1, 0),
+    Image.Transpose.TRANSVERSE: (0, -1, -1, 0),
+}
+_TRANSPOSE_OF = {m: t for t, m in _MATRICES.items()}
+_FLIPS = {"": _IDENTITY, "h": (-1, 0, 0, 1), "v": (1, 0, 0, -1), "hv": (-1, 0, 0, -1)}
+_ROTATIONS = {0: _IDENTITY, 1: (0, 1, -1, 0), 2: (-1, 0, 0, -1), 3: (0, -1, 1, 0)}
+
+
+def _compose(after: _Matrix, before: _Matrix) -> _Matrix:
+    a, b, c, d = after
+    e, f, g, h = before
+    return (a * e + b * g, a * f + b * h, c * e + d * g, c * f + d * h)
+
+
+def _swaps(m: _Matrix) -> bool:
+    return m[0] == 0
+
+
+def _apply_size(m: _Matrix, w: float, h: float) -> tuple[float, float]:
+    return (h, w) if _swaps(m) else (w, h)
+
+
+def _box_before(m: _Matrix, box: tuple[float, float, float, float], w: float, h: float):
+    """Map ``box`` on an image transformed by ``m`` back onto the image before
+    it (``w`` x ``h``)."""
+    big_w, big_h = _apply_size(m, w, h)
+    a, b, c, d = m
+    xs, ys = [], []
+    for x, y in ((box[0], box[1]), (box[2], box[3])):
+        cx, cy = x - big_w / 2, y - big_h / 2
+        xs.append(a * cx + c * cy + w / 2)  # the inverse of an orthogonal matrix is its transpose
+        ys.append(b * cx + d * cy + h / 2)
+    return (min(xs), min(ys), max(xs), max(ys))
+
+
+def _orientation_matrix(orientation: int) -> _Matrix:
+    transpose = _TRANSPOSE.get(orientation)
+    return _MATRICES[transpose] if transpose is not None else _IDENTITY
 
 
 def plan(width: int, height: int, spec: TransformSpec) -> Plan:
     """Output size and source box for a ``width`` x ``height`` (oriented) source.
 
     * one side given: the other follows the aspect ratio (every fit);
-      ``max`` keeps the original size rather than enlarge.
-    * ``clip``: largest size inside w x h with the source's aspect ratio.
+      ``max`` and ``min`` keep the original size rather than enlarge.
+    * ``clip``/``fill``: largest size inside w x h with the source's aspect
+      ratio (``fill`` then pads to w x h: see :func:`_geometry`).
     * ``max``: like clip, but never larger than the source.
-    * ``crop``: exactly w x h, from the largest centred box of that aspect.
+    * ``crop``: exactly w x h, from the largest box of that aspect, placed by
+      ``crop`` (centre, sides, focal point with zoom; ``entropy`` is placed on
+      the pixels later, centred here).
+    * ``min``: like crop, but never larger than that box.
     * ``scale``: exactly w x h, the whole source stretched.
+
+    ``w``/``h`` are the spec's less twice ``pad``.
     """
     full = (0.0, 0.0, float(width), float(height))
     w, h = spec.width, spec.height
     if w is None and h is None:
         return Plan(width, height, full)
+    pad = spec.pad
+    if w is not None:
+        w -= 2 * pad
+    if h is not None:
+        h -= 2 * pad
+    if (w is not None and w < 1) or (h is not None and h < 1):
+        raise BadRequest(f"pad={pad} leaves no room for the image inside w x h")
     if w is None or h is None:
         if w is not None:
             out = (w, max(1, round(height * w / width)))
         else:
             assert h is not None
             out = (max(1, round(width * h / height)), h)
-        if spec.fit == "max" and (out[0] > width or out[1] > height):
+        if spec.fit in ("max", "min") and (out[0] > width or out[1] > height):
             return Plan(width, height, full)
         return Plan(out[0], out[1], full)
     if spec.fit == "scale":
         return Plan(w, h, full)
-    if spec.fit == "crop":
+    if spec.fit in ("crop", "min"):
         if width * h > height * w:  # source is wider than the target: trim the sides
-            crop_w = height * w / h
-            left = (width - crop_w) / 2
-            return Plan(w, h, (left, 0.0, left + crop_w, float(height)))
-        crop_h = width * h / w
-        top = (height - crop_h) / 2
-        return Plan(w, h, (0.0, top, float(width), top + crop_h))
+            crop_w, crop_h = height * w / h, float(height)
+        else:
+            crop_w, crop_h = float(width), width * h / w
+        fx, fy, zoom = spec.focal if "focalpoint" in spec.crop else (0.5, 0.5, 1.0)
+        crop_w, crop_h = crop_w / zoom, crop_h / zoom
+        out_w, out_h = w, h
+        if spec.fit == "min" and w > crop_w:
+            out_w, out_h = max(1, round(crop_w)), max(1, round(crop_h))
+        if "left" in spec.crop:
+            left = 0.0
+        elif "right" in spec.crop:
+            left = width - crop_w
+        else:
+            left = min(max(0.0, fx * width - crop_w / 2), width - crop_w)
+        if "top" in spec.crop:
+            top = 0.0
+        elif "bottom" in spec.crop:
+            top = height - crop_h
+        else:
+            top = min(max(0.0, fy * height - crop_h / 2), height - crop_h)
+        return Plan(out_w, out_h, (left, top, left + crop_w, top + crop_h))
     scale = min(w / width, h / height)
     if spec.fit == "max" and scale >= 1:
         return Plan(width, height, full)
@@ -762,48 +875,82 @@ class _Geometry:
     so it needs the output size and the source box in stored coordinates.
     """
 
-    plan: Plan  # as displayed
-    size: tuple[int, int]  # output size before orienting
+    plan: Plan  # as displayed, before padding and free rotation
+    size: tuple[int, int]  # resized size before orienting
     box: tuple[float, float, float, float]  # source box on the stored pixels
     draft: tuple[int, int] | None  # what to ask JPEG draft() for, or None
+    transpose: Image.Transpose | None  # applied to the resized image
+    canvas: tuple[int, int]  # after padding / fill
+    offset: tuple[int, int]  # where the image sits on the canvas
+    angle: int  # free rotation left after the multiples of 90
+    final: tuple[int, int]  # the output size
+    entropy_axis: int | None  # 0/1: the stored axis along which crop=entropy slides
 
 
-def _stored_box(box, orientation: int, stored_w: int, stored_h: int):
-    """Map a box on the displayed image back onto the stored pixels."""
-    left, top, right, bottom = box
-    w, h = stored_w, stored_h
-    if orientation == 2:
-        return (w - right, top, w - left, bottom)
-    if orientation == 3:
-        return (w - right, h - bottom, w - left, h - top)
-    if orientation == 4:
-        return (left, h - bottom, right, h - top)
-    if orientation == 5:  # transpose: x = y', y = x'
-        return (top, left, bottom, right)
-    if orientation == 6:  # rotated 90 clockwise: x = y', y = h - x'
-        return (top, h - right, bottom, h - left)
-    if orientation == 7:  # transverse: x = w - y', y = h - x'
-        return (w - bottom, h - right, w - top, h - left)
-    if orientation == 8:  # rotated 90 counter-clockwise: x = w - y', y = x'
-        return (w - bottom, left, w - top, right)
-    return box
+def _rotated_size(w: int, h: int, angle: int) -> tuple[int, int]:
+    """The canvas ``Image.rotate(angle, expand=True)`` gives a w x h image."""
+    if not angle:
+        return w, h
+    rad = math.radians(angle)
+    cos, sin = abs(math.cos(rad)), abs(math.sin(rad))
+    return math.ceil(w * cos + h * sin) + 1, math.ceil(w * sin + h * cos) + 1
 
 
 def _geometry(stored_w: int, stored_h: int, orientation: int, spec: TransformSpec,
               jpeg: bool) -> _Geometry:
-    swapped = orientation in _SWAPPING_ORIENTATIONS
-    src_w, src_h = (stored_h, stored_w) if swapped else (stored_w, stored_h)
-    p = plan(src_w, src_h, spec)
-    size = (p.height, p.width) if swapped else (p.width, p.height)
-    box = _stored_box(p.box, orientation, stored_w, stored_h)
+    """Where everything goes: rect, fit, crop, orientation, padding, rotation.
+
+    Raises BadRequest for a ``rect`` outside the image or padding that
+    leaves no room.
+    """
+    if spec.orient is not None:
+        orientation = spec.orient or 1  # 0: ignore EXIF
+    exif = _orientation_matrix(orientation)
+    after = _compose(_ROTATIONS[spec.rot // 90], _FLIPS[spec.flip])  # flip, then rotate
+    total = _compose(after, exif)
+    ow, oh = _apply_size(exif, stored_w, stored_h)
+    region = (0.0, 0.0, float(ow), float(oh))
+    if spec.rect is not None:
+        x, y, w, h = spec.rect
+        if x >= ow or y >= oh:
+            raise BadRequest(f"rect starts outside the {ow}x{oh} image")
+        region = (float(x), float(y), float(min(ow, x + w)), float(min(oh, y + h)))
+    rw, rh = region[2] - region[0], region[3] - region[1]
+    fw, fh = _apply_size(after, rw, rh)
+    p = plan(max(1, round(fw)), max(1, round(fh)), spec)
+    box = _box_before(after, p.box, rw, rh)
+    box = (box[0] + region[0], box[1] + region[1], box[2] + region[0], box[3] + region[1])
+    box = _box_before(exif, box, stored_w, stored_h)
+    size = (p.height, p.width) if _swaps(total) else (p.width, p.height)
+
+    pad = spec.pad
+    canvas = (p.width + 2 * pad, p.height + 2 * pad)
+    if spec.fit == "fill" and spec.width is not None and spec.height is not None:
+        canvas = (spec.width, spec.height)
+    offset = ((canvas[0] - p.width) // 2, (canvas[1] - p.height) // 2)
+    angle = spec.rot % 90
+    final = _rotated_size(*canvas, angle)
+
+    entropy_axis = None
+    if "entropy" in spec.crop and spec.fit in ("crop", "min"):
+        # The crop box slides along the frame's longer free side: x if it is
+        # narrower than the frame, else y; on the stored pixels that axis is
+        # swapped if the orientation swaps.
+        frame_w, frame_h = max(1, round(fw)), max(1, round(fh))
+        if p.box[2] - p.box[0] < frame_w - 1e-6:
+            entropy_axis = 0 ^ int(_swaps(total))
+        elif p.box[3] - p.box[1] < frame_h - 1e-6:
+            entropy_axis = 1 ^ int(_swaps(total))
+
     draft = None
     if jpeg:
         box_w, box_h = box[2] - box[0], box[3] - box[1]
-        need_w = math.ceil(stored_w * size[0] / box_w * REDUCING_GAP)
-        need_h = math.ceil(stored_h * size[1] / box_h * REDUCING_GAP)
+        need_w = math.ceil(stored_w * size[0] / box_w * DRAFT_GAP)
+        need_h = math.ceil(stored_h * size[1] / box_h * DRAFT_GAP)
         if need_w < stored_w and need_h < stored_h:
             draft = (need_w, need_h)
-    return _Geometry(p, size, box, draft)
+    transpose = _TRANSPOSE_OF.get(total)
+    return _Geometry(p, size, box, draft, transpose, canvas, offset, angle, final, entropy_axis)
 
 
 def _draft_scale(stored_w: int, stored_h: int, request: tuple[int, int]) -> int:
@@ -815,45 +962,121 @@ def _draft_scale(stored_w: int, stored_h: int, request: tuple[int, int]) -> int:
     return 1
 
 
-def _check_output(p: Plan, fmt: str, max_output_pixels: int) -> None:
-    if p.width * p.height > max_output_pixels:
-        raise TooLarge(
-            f"output {p.width}x{p.height} would exceed the limit of {max_output_pixels} pixels"
-        )
-    if max(p.width, p.height) > _MAX_SIDE[fmt]:
+def _check_output(geo: _Geometry, fmt: str, max_output_pixels: int) -> None:
+    width, height = geo.final
+    for w, h in (geo.final, geo.size, geo.canvas):
+        if w * h > max_output_pixels:
+            raise TooLarge(f"output {w}x{h} would exceed the limit of {max_output_pixels} pixels")
+    if max(width, height) > _MAX_SIDE[fmt]:
         raise TooLarge(f"{fmt.upper()} output is limited to {_MAX_SIDE[fmt]} pixels per side")
+
+
+def _frame_range(frames: int, spec: TransformSpec, width: int, height: int, max_pixels: int,
+                 max_frames: int) -> tuple[int, int]:
+    """(first, last) frame indexes, from 0, that ``spec`` keeps of ``frames``.
+
+    Every frame up to ``last`` is decoded (animations are built frame on
+    frame): ``last + 1`` is bounded by ``max_frames`` and, times the pixels of
+    a frame, by ``max_pixels``.
+    """
+    first, last = spec.frames
+    if first > frames:
+        raise BadRequest(f"frame {first} asked of an image with {frames} frame{'s' * (frames > 1)}")
+    last = frames if last is None else min(last, frames)
+    if last > max_frames:
+        raise TooLarge(f"{last} frames would be decoded, over the limit of {max_frames}")
+    if last * width * height > max_pixels:
+        raise TooLarge(f"{last} frames of {width}x{height} are {last * width * height} pixels, "
+                       f"over the limit of {max_pixels}")
+    return first - 1, last - 1
 
 
 # ---------------------------------------------------------------------------
 # Memory estimate
 
 
+def _output_format(spec: TransformSpec, source_format: str) -> str:
+    """The format written: ``fm`` (or what ``auto=format`` chose), else the
+    source's, JPEG for sources imgserver does not write (HEIF)."""
+    if spec.format is not None:
+        return spec.format
+    source = formats.FORMATS.get(source_format)
+    return source_format if source is not None and source.writable else "jpeg"
+
+
+def _fill_colour(spec: TransformSpec, fmt: str) -> tuple[int, int, int, int]:
+    """What padding, ``fit=fill`` and rotation corners are filled with."""
+    if spec.bg is not None:
+        return spec.bg
+    return (0, 0, 0, 0) if formats.FORMATS[fmt].alpha else (255, 255, 255, 255)
+
+
+def _is_grey(colour: tuple[int, int, int, int]) -> bool:
+    return colour[0] == colour[1] == colour[2]
+
+
+def _with_fill(mode: str, colour: tuple[int, int, int, int]) -> str:
+    """The mode that holds pixels of ``mode`` and the colour ``colour``."""
+    alpha = mode in ("LA", "RGBA") or colour[3] < 255
+    base = "L" if mode in ("L", "LA") and _is_grey(colour) else "RGB"
+    return base + ("A" if alpha else "")
+
+
+def _modes(working: str, spec: TransformSpec, geo: _Geometry, fmt: str) -> list[str]:
+    """The modes the output goes through after resizing: canvas (padding,
+    fill, rotation), background, the output format's; the last is written."""
+    modes = []
+    mode = working
+    if geo.canvas != (geo.plan.width, geo.plan.height) or geo.angle:
+        mode = _with_fill(mode, _fill_colour(spec, fmt))
+        modes.append(mode)
+    if spec.bg is not None and mode in ("LA", "RGBA"):
+        mode = "RGB" if spec.bg[3] == 255 else "RGBA"
+        modes.append(mode)
+    final = _output_mode(mode, fmt)
+    if final != mode:
+        modes.append(final)
+    return modes or [working]
+
+
 def estimate_bytes(header: Header, spec: TransformSpec | None,
-                   max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS) -> int:
+                   max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS, *,
+                   max_pixels: int | None = None, max_frames: int = DEFAULT_MAX_FRAMES) -> int:
     """Upper bound of the memory :func:`transform` needs at its peak (bytes).
 
     Computed from ``header`` alone (see *Memory model* in the module
     docstring for the formula); includes the file's own bytes.  ``spec``
     None is ``/info``: the file and its parsed header only.  Raises
     :class:`~imgserver.errors.TooLarge`, as :func:`transform` would, when
-    the output exceeds ``max_output_pixels`` or the format's largest side.
+    the output exceeds ``max_output_pixels`` or the format's largest side,
+    or the frames asked for exceed ``max_frames`` or (decoded frames x
+    pixels) ``max_pixels``; BadRequest for a ``rect`` outside the image or
+    a ``frame`` past the last.
     """
     if spec is None:
         return header.overhead_bytes
-    out_fmt = spec.format or header.format
+    out_fmt = _output_format(spec, header.format)
     geo = _geometry(header.width, header.height, header.orientation, spec,
                     header.format == "jpeg")
-    _check_output(geo.plan, out_fmt, max_output_pixels)
+    _check_output(geo, out_fmt, max_output_pixels)
+    first, last = _frame_range(header.frames, spec, header.width, header.height,
+                               max_pixels if max_pixels is not None else 2**62, max_frames)
+    kept = last - first + 1 if formats.FORMATS[out_fmt].animation else 1
 
     # Decoded source.
     src_w, src_h = header.width, header.height
     scale = 1
-    if geo.draft is not None:
+    if geo.draft is not None and first == 0:
         scale = _draft_scale(src_w, src_h, geo.draft)
         src_w, src_h = -(-src_w // scale), -(-src_h // scale)
     source = src_w * src_h
-    decoder = 12 if header.format == "webp" else 0
+    # Decoders' own buffers per pixel: libwebp's two canvases and its frame,
+    # libavif's YUV planes (up to 16 bits, 4:4:4) and the RGB it hands over,
+    # Pillow's GIF canvas and previous frame once frames are composed.
+    decoder = {"webp": 12, "avif": 20, "heif": 20}.get(header.format, 0)
     mode, working = header.mode, header.working_mode
+    if header.format == "gif" and last > 0:
+        decoder, mode, working = 9, "RGBA", "RGBA"  # frames after the first are RGB(A)
     total = header.overhead_bytes
     total += source * (_pixel_bytes(mode) + decoder + _convert_bytes(mode, working))
 
@@ -868,9 +1091,9 @@ def estimate_bytes(header: Header, spec: TransformSpec | None,
         if alpha:
             total += source * 4  # premultiplied copy of the whole source
             work_bpp = 4
-        factor_x = int(box_w / out_w / REDUCING_GAP) or 1
-        factor_y = int(box_h / out_h / REDUCING_GAP) or 1
-        # Lanczos reads 3 source pixels (scaled) either side of the box.
+        factor_x = int(box_w / out_w / REDUCING_GAP) or 1 if REDUCING_GAP else 1
+        factor_y = int(box_h / out_h / REDUCING_GAP) or 1 if REDUCING_GAP else 1
+        # The filter reads up to 3 source pixels (scaled) either side of the box (Lanczos; bicubic 2).
         margin_x = 3 * box_w / out_w + 2
         margin_y = 3 * box_h / out_h + 2
         rows = math.ceil((box_h + 2 * margin_y) / factor_y) + 1
@@ -879,12 +1102,16 @@ def estimate_bytes(header: Header, spec: TransformSpec | None,
             total += cols * rows * work_bpp  # reduce() result
         total += out_w * rows * work_bpp  # first (horizontal) resampling pass
         total += 64 * (cols + rows + out_w + out_h)  # filter coefficients
+    if geo.entropy_axis is not None:
+        total += 2 * 256 * 256 + 64 * _KIB  # the small grey copy it is measured on
 
     # The output and the copies made of it, each alive with the one before:
-    # straight alpha again, grey tone curve, flattened onto white or RGB for
-    # the encoder, oriented.  (Without resizing, the first is the source.)
-    final = _output_mode(working, out_fmt)
-    current = work_bpp if resizes else 0
+    # straight alpha again, grey tone curve, filters, oriented, padded,
+    # rotated, on the background, in the output format's mode.  (Without
+    # resizing, the first is the source.)
+    canvas_px = geo.canvas[0] * geo.canvas[1]
+    final_px = geo.final[0] * geo.final[1]
+    current = out_px * work_bpp if resizes else 0
     peak = current
 
     def copy(new: int, extra: int = 0) -> None:
@@ -893,32 +1120,61 @@ def estimate_bytes(header: Header, spec: TransformSpec | None,
         current = new
 
     if resizes and alpha:
-        copy(_pixel_bytes(working))
+        copy(out_px * _pixel_bytes(working))
     if header.icc_size and working in ("L", "LA"):
-        copy(_pixel_bytes(working))
-    if final != working:
-        flatten = working in ("LA", "RGBA") and out_fmt == "jpeg"
-        copy(_pixel_bytes(final), extra=_pixel_bytes(final) + 1 if flatten else 0)
-    if header.orientation in _TRANSPOSE:
-        copy(_pixel_bytes(final))
-    total += out_px * peak
+        copy(out_px * _pixel_bytes(working))
+    if spec.blur or spec.sharp:
+        for _ in range((spec.blur > 0) + (spec.sharp > 0)):
+            copy(out_px * 4, extra=out_px * 4 if alpha else 0)  # premultiplied copy
+    if geo.transpose is not None:
+        copy(out_px * 4)
+    modes = _modes(working, spec, geo, out_fmt)
+    if geo.canvas != (geo.plan.width, geo.plan.height):
+        copy(canvas_px * 4, extra=out_px * 4)  # the canvas, and the image converted to its mode
+    if geo.angle:
+        copy(final_px * 4, extra=final_px * 4)  # the rotated image and its fill
+    final = modes[-1]
+    if len(modes) > 1 or modes[0] != working:
+        flatten = final in ("L", "RGB") and (spec.bg is not None or out_fmt == "jpeg")
+        copy(final_px * 4, extra=final_px * 4 + final_px if flatten else 0)
+    total += peak
+    if kept > 1:
+        total += (kept - 1) * final_px * _pixel_bytes(final)  # the frames kept for the animation
 
     # Encoding: the encoded bytes twice (memfd, bytes read back), encoder state.
     channels = len(final)  # L, LA, RGB, RGBA
+    fw, fh = geo.final
     if out_fmt == "png":
-        encoded = out_px * channels + out_h + out_px * channels // 512
+        encoded = final_px * channels + fh + final_px * channels // 512
     elif out_fmt == "jpeg":
-        encoded = out_px * channels
+        encoded = final_px * channels
+        if spec.progressive:
+            total += final_px * channels * 2  # libjpeg keeps every coefficient for a progressive file
+    elif out_fmt == "gif":
+        # Quantizing: a palette image, median cut's pixel list and its colour
+        # histogram (one entry per distinct colour: up to one a pixel, measured
+        # ~60 bytes a pixel for noise); Pillow keeps every frame's palette image.
+        encoded = final_px * 2
+        total += final_px * 64 + kept * final_px * 2
+    elif out_fmt == "avif":
+        # libaom: YUV pictures, its lookahead and the rate-control state,
+        # measured at 21-28 bytes a pixel (flat picture to noise, speed 6 and
+        # 9) plus ~10 MiB of tables the first time a process encodes.
+        encoded = final_px * 2
+        total += final_px * (28 + 4 * min(kept, 35)) + 12 * _MIB + final_px * 4  # and the frame's bytes
     else:
-        encoded = out_px * 2
+        encoded = final_px * 2
         # libwebp: ARGB and YUV pictures, token buffers (they grow with the
         # detail: 19 bytes a pixel for noise at q85, 27 at q100, 6 for a flat
         # image), and for alpha a lossless encoder's hash chains and
         # references (up to 45 bytes a pixel in all for a noisy alpha plane).
-        total += out_px * (48 if final == "RGBA" else 28)
+        total += final_px * (48 if final == "RGBA" or spec.lossless else 28)
+        if kept > 1:
+            total += final_px * 16  # the animation encoder's previous canvas and candidates
+    encoded *= kept
     # Row buffers of the encoders (libjpeg keeps 16 rows of every component,
     # before and after colour conversion): a 50000 x 1 JPEG costs 2.4 MB.
-    total += 2 * (encoded + 64 * _KIB) + max(out_w, out_h) * 256
+    total += 2 * (encoded + 64 * _KIB) + max(fw, fh) * 256
     return int(total)
 
 
@@ -965,6 +1221,8 @@ def _output_mode(working: str, fmt: str) -> str:
         return working[:-1]
     if fmt == "webp" and working in ("L", "LA"):
         return "RGBA" if working == "LA" else "RGB"
+    if fmt == "avif" and working == "LA":
+        return "RGBA"
     return working
 
 
@@ -973,7 +1231,87 @@ def _to_output_mode(im: Image.Image, fmt: str) -> Image.Image:
         return _flatten(im)
     if fmt == "webp" and im.mode in ("L", "LA"):
         return im.convert("RGBA" if im.mode == "LA" else "RGB")
+    if fmt == "avif" and im.mode == "LA":
+        return im.convert("RGBA")
     return im
+
+
+def _fill_for(mode: str, colour: tuple[int, int, int, int]) -> int | tuple[int, ...]:
+    """``colour`` as a pixel value of ``mode`` (L, LA, RGB or RGBA)."""
+    if mode == "L":
+        return colour[0]
+    if mode == "LA":
+        return (colour[0], colour[3])
+    return colour[:3] if mode == "RGB" else colour
+
+
+def _on_canvas(img: Image.Image, geo: _Geometry, colour: tuple[int, int, int, int]) -> Image.Image:
+    """``img`` at ``geo.offset`` on a ``geo.canvas`` filled with ``colour`` (pad, fit=fill)."""
+    mode = _with_fill(img.mode, colour)
+    canvas = Image.new(mode, geo.canvas, _fill_for(mode, colour))
+    canvas.paste(img if img.mode == mode else img.convert(mode), geo.offset)
+    return canvas
+
+
+def _rotate(img: Image.Image, angle: int, colour: tuple[int, int, int, int]) -> Image.Image:
+    """Counter-clockwise by ``angle`` degrees, the canvas enlarged to hold it all."""
+    mode = _with_fill(img.mode, colour)
+    if img.mode != mode:
+        img = img.convert(mode)
+    return img.rotate(angle, Image.Resampling.BICUBIC, expand=True, fillcolor=_fill_for(mode, colour))
+
+
+def _on_background(img: Image.Image, colour: tuple[int, int, int, int]) -> Image.Image:
+    """Composite an LA/RGBA image over ``colour`` (``bg``): opaque if it is."""
+    base = Image.new("RGBA", img.size, colour)
+    base.alpha_composite(img.convert("RGBA"))
+    return base.convert("RGB") if colour[3] == 255 else base
+
+
+def _filtered(img: Image.Image, spec: TransformSpec) -> Image.Image:
+    """``blur`` and ``sharp``, on premultiplied pixels when there is alpha
+    (straight alpha would bleed the colour of transparent pixels)."""
+    alpha = img.mode in ("LA", "RGBA")
+    if alpha:
+        img = img.convert("RGBa" if img.mode == "RGBA" else "La")
+    if spec.blur:
+        img = img.filter(ImageFilter.GaussianBlur(spec.blur / 20))
+    if spec.sharp:
+        img = img.filter(ImageFilter.UnsharpMask(radius=1, percent=2 * spec.sharp, threshold=0))
+    if alpha:
+        img = img.convert("RGBA" if img.mode == "RGBa" else "LA")
+    return img
+
+
+def _entropy_box(img: Image.Image, box: tuple[float, ...], region: tuple[float, ...],
+                 axis: int) -> tuple[float, float, float, float]:
+    """Slide ``box`` within ``region`` along ``axis`` to where a small grey
+    copy has the most entropy (``crop=entropy``): 33 positions, ties to the
+    middle."""
+    length = box[axis + 2] - box[axis]
+    low, high = region[axis], region[axis + 2] - length
+    if high - low < 1:
+        return tuple(box)  # type: ignore[return-value]
+    clip = (max(0, math.floor(region[0])), max(0, math.floor(region[1])),
+            min(img.width, math.ceil(region[2])), min(img.height, math.ceil(region[3])))
+    factor = max(1, max(clip[2] - clip[0], clip[3] - clip[1]) // 256)
+    small = img.reduce(factor, box=clip).convert("L")
+    ratio = (small.width / (clip[2] - clip[0]), small.height / (clip[3] - clip[1]))
+    steps = 32
+    order = sorted(range(steps + 1), key=lambda i: abs(2 * i - steps))
+    best, best_entropy = (low + high) / 2, -1.0
+    for i in order:
+        start = low + (high - low) * i / steps
+        window = list(box)
+        window[axis], window[axis + 2] = start, start + length
+        cut = tuple(round((window[k] - clip[k % 2]) * ratio[k % 2]) for k in range(4))
+        cut = (cut[0], cut[1], max(cut[2], cut[0] + 1), max(cut[3], cut[1] + 1))
+        entropy = small.crop(cut).entropy()
+        if entropy > best_entropy + 1e-9:
+            best, best_entropy = start, entropy
+    result = list(box)
+    result[axis], result[axis + 2] = best, best + length
+    return tuple(result)  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------
@@ -1104,7 +1442,7 @@ def _encode_to_fd(im: Image.Image, fmt: str, params: dict) -> bytes:
     fd = _scratch_fd()
     try:
         with open(fd, "wb", buffering=0, closefd=False) as scratch:
-            im.save(scratch, format=_SAVE_FORMATS[fmt], **params)
+            im.save(scratch, format=formats.FORMATS[fmt].pillow[0], **params)
         return _read_back(fd, os.fstat(fd).st_size)
     finally:
         os.close(fd)
@@ -1113,20 +1451,57 @@ def _encode_to_fd(im: Image.Image, fmt: str, params: dict) -> bytes:
 def _encode_to_bytesio(im: Image.Image, fmt: str, params: dict) -> bytes:
     """Encode into ``io.BytesIO``: holds the GIL (kept for the benchmark)."""
     out = io.BytesIO()
-    im.save(out, format=_SAVE_FORMATS[fmt], **params)
+    im.save(out, format=formats.FORMATS[fmt].pillow[0], **params)
     return out.getvalue()
 
 
-def _save_params(fmt: str, quality: int) -> dict:
+def _save_params(fmt: str, quality: int, spec: TransformSpec | None = None) -> dict:
+    """Encoder settings for ``fmt`` (the pixels' metadata is added by the caller)."""
     if fmt == "jpeg":
-        return {"quality": quality, "optimize": False, "progressive": False}
+        return {"quality": quality, "optimize": False,
+                "progressive": bool(spec is not None and spec.progressive)}
     if fmt == "webp":
-        return {"quality": quality, "method": 4}
+        return {"quality": quality, "method": 4, "lossless": bool(spec is not None and spec.lossless)}
+    if fmt == "avif":
+        return {"quality": quality, "speed": AVIF_SPEED, "max_threads": 1}
+    if fmt == "gif":
+        return {}
     return {"compress_level": 6}
+
+
+#: EXIF tags ``meta=copyright`` keeps: Artist, Copyright.
+_COPYRIGHT_TAGS = (0x013B, 0x8298)
+
+
+def _metadata(spec: TransformSpec, fmt: str, mode: str, icc: bytes | None,
+              exif: Image.Exif | None) -> dict:
+    """Save parameters carrying the metadata asked for: the ICC profile
+    (``cs=origin``, if it suits the output's colours) and copyright (``meta``)."""
+    params: dict = {}
+    if fmt == "gif":
+        return params  # GIF holds neither
+    if spec.colorspace == "origin" and icc and len(icc) <= ICC_CONVERT_MAX_BYTES and len(icc) >= 20:
+        space = icc[16:20]
+        if (space == b"RGB " and mode in ("RGB", "RGBA")) or (space == b"GRAY" and mode in ("L", "LA")):
+            params["icc_profile"] = icc
+    if spec.keep_copyright and exif is not None:
+        kept = Image.Exif()
+        for tag in _COPYRIGHT_TAGS:
+            value = exif.get(tag)
+            if isinstance(value, str) and value:
+                kept[tag] = value[:1024]
+        if len(kept):
+            params["exif"] = kept.tobytes()
+    return params
 
 
 # ---------------------------------------------------------------------------
 # Transform
+
+
+def _format_name(im: Image.Image) -> str:
+    found = formats.by_pillow_name(im.format)
+    return found.name if found is not None else "image"
 
 
 def _load(im: Image.Image) -> None:
@@ -1140,25 +1515,40 @@ def _load(im: Image.Image) -> None:
         if _is_metadata_limit(err):
             raise TooLarge("image metadata (PNG text) is too large") from None
         raise CorruptImage(
-            f"{_SOURCE_FORMATS.get(im.format or '', 'image').upper()} data is truncated or corrupt"
+            f"{_format_name(im).upper()} data is truncated or corrupt"
         ) from None
 
 
+def _seek(im: Image.Image, frame: int) -> None:
+    try:
+        im.seek(frame)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise TooLarge("image has too many pixels") from None
+    except MemoryError:
+        raise
+    except Exception:
+        raise CorruptImage(f"{_format_name(im).upper()} frame {frame + 1} is truncated or corrupt") from None
+
+
 def transform(data: bytes, spec: TransformSpec, max_pixels: int,
-              max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS) -> Result:
+              max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS, *,
+              max_frames: int = DEFAULT_MAX_FRAMES) -> Result:
     """Decode ``data``, apply ``spec`` and encode the result.
 
-    Steps: header checks (format, ``max_pixels``, ``max_output_pixels`` and
-    the encoder's largest side: all before decoding); JPEG DCT scaling via
-    ``draft`` to no less than ``REDUCING_GAP`` x the needed size; decode;
-    conversion to L, LA, RGB or RGBA; one ``resize`` (Lanczos,
-    ``reducing_gap``) of the planned box of the stored pixels; colour
-    profile to sRGB; mode for the output format (alpha flattened onto white
-    for JPEG); EXIF orientation applied to the (small) result; encode with
-    no metadata at all.  Each step drops what it no longer needs, so memory
-    stays within :func:`estimate_bytes`.
+    Steps: header checks (format, ``max_pixels``, ``max_output_pixels``, the
+    encoder's largest side, frames: all before decoding); JPEG DCT scaling
+    via ``draft`` to no less than ``DRAFT_GAP`` x the needed size; decode;
+    conversion to L, LA, RGB or RGBA; one ``resize`` of the planned box of
+    the stored pixels (placed on the pixels for ``crop=entropy``); colour
+    profile to sRGB (``cs``); blur and sharpen; one transposition for EXIF
+    orientation (or ``orient``), ``flip`` and ``rot``; padding / ``fit=fill``
+    canvas; free rotation; background; mode for the output format; encode
+    with no metadata but what ``cs``/``meta`` keep.  For an animation, every
+    frame up to the last kept is decoded, and each kept one goes through the
+    same steps.  Each step drops what it no longer needs, so memory stays
+    within :func:`estimate_bytes`.
     """
-    return _transform(data, spec, max_pixels, _encode_to_fd, max_output_pixels)
+    return _transform(data, spec, max_pixels, _encode_to_fd, max_output_pixels, max_frames=max_frames)
 
 
 def _transform(
@@ -1167,61 +1557,142 @@ def _transform(
     max_pixels: int,
     encode: Callable[[Image.Image, str, dict], bytes],
     max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
+    *,
+    max_frames: int = DEFAULT_MAX_FRAMES,
 ) -> Result:
+    if spec.auto_format:
+        spec = spec.negotiate(None)  # no Accept header known here: fm or the source's format
     im, _ = _open(data, max_pixels)
     with im:
-        out_fmt = spec.format or _SOURCE_FORMATS[im.format]
+        out_fmt = _output_format(spec, _format_name(im))
         stored_w, stored_h = im.size
         jpeg = im.format in ("JPEG", "MPO")
         orientation = _orientation(im)
         geo = _geometry(stored_w, stored_h, orientation, spec, jpeg)
-        _check_output(geo.plan, out_fmt, max_output_pixels)
+        _check_output(geo, out_fmt, max_output_pixels)
+        try:
+            frames = max(1, int(getattr(im, "n_frames", 1)))
+        except Exception:
+            frames = 1
+        first, last = _frame_range(frames, spec, stored_w, stored_h, max_pixels, max_frames)
+        if not formats.FORMATS[out_fmt].animation:
+            last = first
 
         # JPEG: let libjpeg scale by 1/2, 1/4 or 1/8 while decoding.
         scale = 1.0
-        if geo.draft is not None:
+        if geo.draft is not None and first == 0:  # (an MPO's later pictures: no draft)
             drafted = im.draft(None, geo.draft)
             if drafted is not None:
                 scale = drafted[1][2] / stored_w
 
-        _load(im)
+        for frame in range(first + 1):  # frames are built on the ones before
+            if frame:
+                _seek(im, frame)
+            _load(im)
 
         # A PNG's eXIf chunk may only be seen now; re-plan if it changes things.
         loaded_orientation = _orientation(im, loaded=True)
         if loaded_orientation != orientation:
             orientation = loaded_orientation
             geo = _geometry(stored_w, stored_h, orientation, spec, False)
-            _check_output(geo.plan, out_fmt, max_output_pixels)
+            _check_output(geo, out_fmt, max_output_pixels)
 
         icc = im.info.get("icc_profile")
-        img = _to_working_mode(im)
-        if img is not im:
-            im.close()  # free the decoded source now (WebP's decoder and its
-            # canvases go with ``im`` itself, at the end: counted in the estimate)
+        exif = None
+        if spec.keep_copyright:
+            try:
+                exif = im.getexif()
+            except Exception:
+                exif = None
+        loop = im.info.get("loop", 0)
+        box = tuple(min(c * scale, limit) for c, limit in zip(geo.box, (*im.size, *im.size)))
+        if geo.entropy_axis is not None:
+            region = _box_before(_orientation_matrix(orientation if spec.orient is None
+                                                     else spec.orient or 1),
+                                 _rect_region(stored_w, stored_h, orientation, spec), stored_w, stored_h)
+            region = tuple(min(c * scale, limit) for c, limit in zip(region, (*im.size, *im.size)))
+            working = _to_working_mode(im)
+            box = _entropy_box(working, box, region, geo.entropy_axis)
+            if working is not im:
+                working.close()
 
-        box = tuple(min(c * scale, limit) for c, limit in zip(geo.box, (*img.size, *img.size)))
-        if img.size != geo.size or box != (0.0, 0.0, *map(float, img.size)):
-            alpha = img.mode in ("LA", "RGBA")
-            if alpha:  # what resize() does, without keeping the straight-alpha copy
-                img = img.convert("RGBa" if img.mode == "RGBA" else "La")
-                im.close()
-            img = img.resize(geo.size, Image.Resampling.LANCZOS, box=box,
-                             reducing_gap=REDUCING_GAP)
-            im.close()
-            if alpha:
-                img = img.convert("RGBA" if img.mode == "RGBa" else "LA")
-
-        img = _to_srgb(img, icc)
-        img = _to_output_mode(img, out_fmt)
-        if orientation in _TRANSPOSE:
-            img = img.transpose(_TRANSPOSE[orientation])
-        img.info = {}  # strip EXIF, XMP, ICC, comments, text chunks, dpi
-        body = encode(img, out_fmt, _save_params(out_fmt, spec.quality))
+        rendered: list[Image.Image] = []
+        durations: list[int] = []
+        for frame in range(first, last + 1):
+            if frame > first:
+                _seek(im, frame)
+                _load(im)
+            durations.append(int(im.info.get("duration", 0) or 0))
+            rendered.append(_render(im, geo, spec, out_fmt, box, icc, animated=last > first))
+        img = rendered[0]
+        params = _save_params(out_fmt, spec.quality, spec)
+        params.update(_metadata(spec, out_fmt, img.mode, icc, exif))
+        if len(rendered) > 1:
+            params.update(save_all=True, append_images=rendered[1:], duration=durations, loop=loop)
+            if out_fmt == "gif" and img.mode in ("LA", "RGBA"):
+                params["disposal"] = 2  # each frame replaces the last, transparency included
+        body = encode(img, out_fmt, params)
         return Result(
             body=body,
             content_type=CONTENT_TYPES[out_fmt],
             width=img.width,
             height=img.height,
             format=out_fmt,
+            frames=len(rendered),
         )
 
+
+def _rect_region(stored_w: int, stored_h: int, orientation: int,
+                 spec: TransformSpec) -> tuple[float, float, float, float]:
+    """``rect`` clipped to the oriented image (the whole of it without one)."""
+    if spec.orient is not None:
+        orientation = spec.orient or 1
+    ow, oh = _apply_size(_orientation_matrix(orientation), stored_w, stored_h)
+    if spec.rect is None:
+        return (0.0, 0.0, float(ow), float(oh))
+    x, y, w, h = spec.rect
+    return (float(x), float(y), float(min(ow, x + w)), float(min(oh, y + h)))
+
+
+def _render(im: Image.Image, geo: _Geometry, spec: TransformSpec, out_fmt: str,
+            box: tuple[float, ...], icc: bytes | None, animated: bool) -> Image.Image:
+    """One decoded frame through every step up to encoding.
+
+    ``im`` itself is left as it is when ``animated`` (the next frame is
+    built on it); otherwise it is closed as soon as a derived image exists.
+    """
+    img = _to_working_mode(im)
+    if img is not im and not animated:
+        im.close()  # free the decoded source now (WebP's decoder and its
+        # canvases go with ``im`` itself, at the end: counted in the estimate)
+
+    if img.size != geo.size or box != (0.0, 0.0, *map(float, img.size)):
+        alpha = img.mode in ("LA", "RGBA")
+        if alpha:  # what resize() does, without keeping the straight-alpha copy
+            img = img.convert("RGBa" if img.mode == "RGBA" else "La")
+            if not animated:
+                im.close()
+        img = img.resize(geo.size, RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
+        if not animated:
+            im.close()
+        if alpha:
+            img = img.convert("RGBA" if img.mode == "RGBa" else "LA")
+    elif img is im:
+        img = im.copy() if animated else im
+
+    if spec.colorspace == "srgb":
+        img = _to_srgb(img, icc)
+    if spec.blur or spec.sharp:
+        img = _filtered(img, spec)
+    if geo.transpose is not None:
+        img = img.transpose(geo.transpose)
+    colour = _fill_colour(spec, out_fmt)
+    if geo.canvas != img.size:
+        img = _on_canvas(img, geo, colour)
+    if geo.angle:
+        img = _rotate(img, geo.angle, colour)
+    if spec.bg is not None and img.mode in ("LA", "RGBA"):
+        img = _on_background(img, spec.bg)
+    img = _to_output_mode(img, out_fmt)
+    img.info = {}  # strip EXIF, XMP, ICC, comments, text chunks, dpi
+    return img

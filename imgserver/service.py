@@ -45,6 +45,7 @@ body into any Twisted ``IConsumer``).
 from __future__ import annotations
 
 import errno
+import functools
 import math
 import os
 import threading
@@ -62,7 +63,7 @@ from zope.interface import implementer
 from asyncfile import ConsumerStopped, FileLoader, IFileLoader, Limiter, LoaderClosed, NotRegularFile, OutsideRoot
 from asyncfile import Overloaded as QueueFull
 
-from . import paths, processing
+from . import formats, paths, processing
 from .cache import ResultCache
 from .errors import (
     BadRequest,
@@ -78,8 +79,9 @@ from .settings import Settings
 
 __all__ = ["ImageService", "Located", "BodyProducer", "MemoryBudget", "sniff_content_type"]
 
-#: Bytes read from a file (through its descriptor) to tell its type.
-SNIFF_BYTES = 16
+#: Bytes read from a file (through its descriptor) to tell its type
+#: (AVIF and HEIF are told apart by the brands in their ftyp box).
+SNIFF_BYTES = 64
 #: How long a miss (ENOENT) is remembered, and how many at most.
 MISS_TTL = 1.0
 MAX_MISSES = 10_000
@@ -96,13 +98,12 @@ DEFAULT_PROCESSING_SECONDS = 0.25
 MIN_RETRY_AFTER = 1
 MAX_RETRY_AFTER = 60
 
-_CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
-
-
 def sniff_content_type(head: bytes) -> str | None:
     """The Content-Type of an image we serve, from its first bytes; None otherwise."""
-    kind = processing._sniff(head)
-    return _CONTENT_TYPES.get(kind or "")
+    kind = formats.sniff(head)
+    if kind == "heif" and not formats.heif_available():
+        return None
+    return formats.CONTENT_TYPES.get(kind or "")
 
 
 # ---------------------------------------------------------------------------
@@ -812,7 +813,9 @@ class ImageService:
                     result = await self._in_thread(flight, _info, data, settings.max_pixels, last_step=True)
                 else:
                     header = await self._in_thread(flight, processing.read_header, data, settings.max_pixels)
-                    need = processing.estimate_bytes(header, spec, settings.max_output_pixels)
+                    need = processing.estimate_bytes(header, spec, settings.max_output_pixels,
+                                                     max_pixels=settings.max_pixels,
+                                                     max_frames=settings.max_frames)
                     if need > self.memory.limit:
                         raise TooLarge(
                             f"the image needs about {math.ceil(need / 2**20)} MiB to process, over the "
@@ -820,8 +823,8 @@ class ImageService:
                     grant = await self.memory.acquire(need)
                     try:
                         result = await self._in_thread(
-                            flight, processing.transform, data, spec, settings.max_pixels,
-                            settings.max_output_pixels, last_step=True)
+                            flight, functools.partial(processing.transform, max_frames=settings.max_frames),
+                            data, spec, settings.max_pixels, settings.max_output_pixels, last_step=True)
                     finally:
                         grant.release()
                 elapsed = time.perf_counter() - started

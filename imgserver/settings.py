@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 
+from .params import parse_presets
+
 __all__ = ["Settings", "SAMPLES_DIR", "MIN_SECRET_BYTES", "MAX_DIMENSION_LIMIT"]
 
 #: Built-in sample images, served when no ``root`` is configured.
@@ -154,6 +156,20 @@ class Settings:
             "Originals streamed at once (their own lane, apart from transforms); beyond it 503."
         ),
     )
+    max_frames: int = field(
+        default=100,
+        metadata=_help(
+            "Frames of an animated image that may be decoded for one answer (frame=, animated=); "
+            "decoded frames x pixels also count against max_pixels."
+        ),
+    )
+    presets: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "Named parameter sets, NAME:QUERY (e.g. thumb:w=200&h=200&fit=crop), used as "
+            "?preset=NAME; explicit parameters override the preset's. Repeatable."
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.root is not None:
@@ -209,6 +225,14 @@ class Settings:
         self._check_number("timeout", minimum=0, allow_zero=False)
         self._check_int("max_dimension", minimum=1, maximum=MAX_DIMENSION_LIMIT)
         self._check_int("default_quality", minimum=1, maximum=100)
+        self._check_int("max_frames", minimum=1)
+        presets = () if self.presets is None else self.presets
+        if isinstance(presets, str) or not all(isinstance(p, str) for p in presets):
+            raise ValueError("presets must be a sequence of NAME:QUERY strings")
+        object.__setattr__(self, "presets", tuple(presets))
+        # Parsed once here (a bad preset stops the server before it listens).
+        object.__setattr__(self, "_preset_params",
+                           parse_presets(self.presets, max_dimension=self.max_dimension))
 
     def _check_int(self, name: str, minimum: int, maximum: int | None = None) -> None:
         value = getattr(self, name)
@@ -245,6 +269,11 @@ class Settings:
     def max_memory_bytes(self) -> int:
         """``max_memory_mb`` in bytes."""
         return int(self.max_memory_mb * 1024 * 1024)
+
+    @property
+    def preset_params(self) -> dict[str, dict[str, str]]:
+        """Preset name -> its parameters (what ``parse_transform(presets=...)`` takes)."""
+        return self._preset_params  # type: ignore[attr-defined, no-any-return]
 
     @property
     def signed(self) -> bool:

@@ -18,6 +18,9 @@ URL-safe base64 (no padding) of HMAC-SHA256 over a canonical message::
 * canonical query: the decoded ``(name, value)`` pairs except ``s``, sorted,
   each side percent-encoded the same way, joined as ``n=v&n=v``.  Parameter
   order in the URL does not matter; repeated parameters are all signed.
+  Every transform parameter is covered this way, ``preset=NAME`` included:
+  the signature binds the preset's name, and the server's definition of it
+  (``--preset``) applies -- changing a preset does not require re-signing.
 
 :func:`sign` and :func:`verify` take the decoded path and the decoded query
 (what ``parse_qs`` or Twisted's ``request.args`` give).  :func:`signed_url`

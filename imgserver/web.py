@@ -5,6 +5,8 @@
     GET      /info/<path>                JSON width, height, format, mode, bytes
     GET      /healthz                    JSON status and load
     GET      /metrics                    Prometheus text format
+    GET|HEAD /, /gallery/<dir>, /view/<path>   HTML gallery, only with make_site(gallery=True)
+                                         (:mod:`imgserver.gallery`)
 
 Errors are a status and a short JSON body; never a traceback or a path,
 always ``Cache-Control: no-store``.  ``timeout`` bounds the wait for an
@@ -18,13 +20,15 @@ the service gets the decoded path as a ``str``.  With a secret, the signature
 covers the endpoint name, that decoded path and the canonical query
 (:mod:`imgserver.signing`).
 
-Conditional requests and ranges follow RFC 9110 (:mod:`imgserver.conditional`):
+Conditional requests and ranges follow RFC 9110 (:mod:`asyncfile.conditional`):
 If-Match / If-Unmodified-Since → 412, If-None-Match / If-Modified-Since →
 304, Range (GET only) → 206, past the end → 416 as a JSON error with
-``Content-Range: bytes */size``.  No ``Vary``: no answer depends on a request
-header other than these validators and Range, which select no
-representation (RFC 9110 §12.5.5) — there is no content negotiation (the
-format is the ``fm`` parameter, not ``Accept``) and no content coding.
+``Content-Range: bytes */size``.  The one content negotiation is
+``auto=format``: its answers (200 and 304) carry ``Vary: Accept``, and the
+format chosen from ``Accept`` is part of the cache key and the ETag; no
+other answer depends on a request header but the validators and Range,
+which select no representation (RFC 9110 §12.5.5), so they carry no
+``Vary``.  There is no content coding.
 
 Bounded cost per connection (:class:`ImageChannel`, checked by one sweep of
 every connection a few times a second):
@@ -61,12 +65,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
-from asyncfile import ConsumerStopped
+from asyncfile import ConsumerStopped, conditional
 from asyncfile import Overloaded as QueueFull
 
-from . import conditional, paths, signing
+from . import paths, signing
 from .errors import (BadRequest, ImageServerError, InternalError, NotFound, Overloaded, PreconditionFailed,
-                     Timeout, TooLarge, UnsupportedImage, error_body, error_headers, error_status)
+                     RangeNotSatisfiable, Timeout, TooLarge, UnsupportedImage, error_body, error_headers,
+                     error_status)
 from .metrics import LAG_DEGRADED, Metrics, MetricsResource
 from .params import parse_transform
 from .service import ImageService, write_body
@@ -656,7 +661,13 @@ class ImagesResource(_AsyncResource):
         path = self._image_path(request)
         args = {k: v for k, v in request.args.items() if k != b"s"}
         spec = parse_transform(args, max_dimension=self.settings.max_dimension,
-                               default_quality=self.settings.default_quality)
+                               default_quality=self.settings.default_quality,
+                               presets=self.settings.preset_params)
+        if spec is not None and spec.auto_format:
+            # The answer depends on Accept: say so (caches key on it), and
+            # resolve the format now so that it is part of the cache key and ETag.
+            request.setHeader(b"Vary", b"Accept")
+            spec = spec.negotiate(request.getHeader(b"accept"))
         # One descriptor for the whole answer: headers, preconditions, ranges,
         # sniffing, loading and streaming all come from it and its fstat.
         located = await self.service.open_image(path, sniff=spec is None)
@@ -688,7 +699,7 @@ class ImagesResource(_AsyncResource):
         # of the answer: an error never carries an image's headers.
         service = self.service
         if located.content_type is None:
-            raise UnsupportedImage("not an image this server serves (JPEG, PNG or WebP)")
+            raise UnsupportedImage("not an image this server serves (JPEG, PNG, WebP, GIF or AVIF)")
         service.check_size(located)
         etag, mtime, size = located.etag, located.mtime, located.size
         headers = self._conditional_headers(request)
@@ -701,7 +712,10 @@ class ImagesResource(_AsyncResource):
             request.setResponseCode(http.NOT_MODIFIED)
             request.finish()
             return
-        wanted = conditional.select_range(request.method, headers, size, etag, mtime)  # 416: raises
+        try:
+            wanted = conditional.select_range(request.method, headers, size, etag, mtime)
+        except conditional.Unsatisfiable as e:
+            raise RangeNotSatisfiable(e.size) from None  # 416 as a JSON error, like the others
         offset, length = wanted if wanted is not None else (0, size)
         sending = request.method != b"HEAD" and length > 0
         place = service.reserve_stream(length) if sending else None  # 503 when the lane is full
@@ -711,7 +725,7 @@ class ImagesResource(_AsyncResource):
             request.setHeader(b"Content-Type", located.content_type.encode("ascii"))
             if wanted is not None:
                 request.setResponseCode(http.PARTIAL_CONTENT)
-                request.setHeader(b"Content-Range", f"bytes {offset}-{offset + length - 1}/{size}".encode())
+                request.setHeader(b"Content-Range", conditional.content_range(offset, length, size).encode())
             request.setHeader(b"Content-Length", str(length).encode())
             if not sending:
                 located.close()
@@ -859,6 +873,12 @@ class RootResource(resource.Resource):
         return NotFoundResource().render(request)
 
 
-def make_site(service: ImageService, metrics: Metrics | None = None) -> ImageSite:
+def make_site(service: ImageService, metrics: Metrics | None = None, *, gallery: bool = False) -> ImageSite:
+    """The site; ``gallery``: also the HTML gallery at ``/`` (:mod:`imgserver.gallery`)."""
     metrics = metrics if metrics is not None else Metrics(service)
-    return ImageSite(RootResource(service, metrics), service, metrics)
+    root = RootResource(service, metrics)
+    if gallery:
+        from .gallery import install  # here: gallery builds on this module
+
+        install(root, service)
+    return ImageSite(root, service, metrics)

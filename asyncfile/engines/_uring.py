@@ -292,12 +292,13 @@ class _OpenHow(ctypes.Structure):
 assert ctypes.sizeof(_OpenHow) == 24
 
 
-class _StatxBuf(ctypes.Array):
+class _StatxBuf(ctypes.Array):  # type: ignore[type-arg]
     """The buffer a statx op writes into; its ``path`` attribute keeps the path
     alive too, so one object is all the ring has to hold until reaped."""
 
     _type_ = ctypes.c_char
     _length_ = _STATX_BUFSIZE
+    path: ctypes.c_char_p
 
 
 # --- Errors ----------------------------------------------------------------------
@@ -395,7 +396,7 @@ _SEQ_CST = 5  # memory_order_seq_cst
 def _enter(fd: int, to_submit: int, min_complete: int, flags: int,
            arg: int = 0, argsz: int = 0) -> int:
     """One io_uring_enter; returns the result or -errno (no exception)."""
-    ret = _syscall(_NR_ENTER, fd, to_submit, min_complete, flags, arg, argsz)
+    ret: int = _syscall(_NR_ENTER, fd, to_submit, min_complete, flags, arg, argsz)
     if ret < 0:
         return -_get_errno()
     return ret
@@ -539,7 +540,7 @@ class Ring:
         self._cq_head_local = self._cq_head.value
 
     def _map(self, size: int, offset: int) -> int:
-        ptr = _mmap(None, size, _PROT_READ | _PROT_WRITE,
+        ptr: int | None = _mmap(None, size, _PROT_READ | _PROT_WRITE,
                     _MAP_SHARED | _MAP_POPULATE, self.fd, offset)
         if ptr is None or ptr == _MAP_FAILED:
             err = _get_errno()
@@ -639,7 +640,7 @@ class Ring:
         # address and holds the export that pins the memory.
         if buf.__class__ is bytearray:  # fast path: no extra memoryview
             n = len(buf)
-            anchor = _c_char_from_buffer(buf) if n else buf
+            anchor: Any = _c_char_from_buffer(buf) if n else buf
         else:
             mv = memoryview(buf)
             if mv.readonly:
@@ -740,7 +741,7 @@ class Ring:
             _FENCE(_SEQ_CST)  # SQE stores before the tail store
         self._sq_tail.value = self._sq_tail_local & _U32
         while True:
-            ret = _syscall(_NR_ENTER, self.fd, pending, 0, 0, 0, 0)
+            ret: int = _syscall(_NR_ENTER, self.fd, pending, 0, 0, 0, 0)
             if ret >= 0:
                 break
             err = _get_errno()
@@ -1030,7 +1031,7 @@ def _platform_problem() -> str | None:
     return None
 
 
-_SETUP_REASONS = {
+_SETUP_REASONS: dict[int | None, str] = {
     _errno.ENOSYS: "io_uring_setup: ENOSYS (kernel without io_uring, or a "
                    "seccomp filter answering ENOSYS)",
     _errno.EPERM: "io_uring_setup: EPERM (kernel.io_uring_disabled, or a "

@@ -13,13 +13,16 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from ..errors import NotRegularFile
+
+if TYPE_CHECKING:
+    from .inline import InlineIO
 
 __all__ = ["IFileEngine", "IBackend", "Engine", "OpenedFile", "Op", "Root", "open_regular",
            "check_regular", "OPEN_FLAGS", "pread_into"]
@@ -170,7 +173,7 @@ class Op:
 
     __slots__ = ("deferred", "_canceller")
 
-    def __init__(self, canceller: Callable[[], None] | None = None,
+    def __init__(self, canceller: Callable[[], object] | None = None,
                  deferred: defer.Deferred[Any] | None = None) -> None:
         self.deferred: defer.Deferred[Any] = deferred if deferred is not None else defer.Deferred()
         self._canceller = canceller
@@ -211,7 +214,7 @@ class IBackend(Interface):
     def close(f: OpenedFile) -> Op:
         """Close the descriptor; ``Op`` of None."""
 
-    def stats() -> dict:
+    def stats() -> dict[str, Any]:
         """Counters."""
 
     def stop() -> "defer.Deferred[None]":
@@ -242,7 +245,7 @@ class IFileEngine(Interface):
         """Close the descriptor (never while an operation on it runs): None
         when done inline, else an ``Op``."""
 
-    def stats() -> dict:
+    def stats() -> dict[str, Any]:
         """Counters, one schema for every engine (``ENGINE_STATS``)."""
 
     def stop() -> "defer.Deferred[None]":
@@ -266,7 +269,7 @@ class Engine:
     by it (``close()`` may flush to a server on FUSE/NFS).
     """
 
-    def __init__(self, name: str, backend: Any, inline: Any = None) -> None:
+    def __init__(self, name: str, backend: IBackend, inline: InlineIO | None = None) -> None:
         self.name = name
         self.backend = backend
         self.inline = inline
@@ -295,7 +298,7 @@ class Engine:
     def read_inline(self, f: OpenedFile, view: memoryview, offset: int) -> int:
         if not f.inline:
             raise BlockingIOError(errno.EAGAIN, "not readable inline")
-        return self.inline.read(f, view, offset)
+        return self.inline.read(f, view, offset)  # type: ignore[union-attr]  # f.inline: set by it
 
     def read(self, f: OpenedFile, view: memoryview, offset: int) -> Op:
         return self.backend.read(f, view, offset)

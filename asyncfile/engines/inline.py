@@ -165,7 +165,7 @@ class InlineIO:
         """A page-cache copy, or ``BlockingIOError``: never waits for storage."""
         try:
             if f.nowait:
-                n = os.preadv(f.fd, [view], offset, RWF_NOWAIT)
+                n = os.preadv(f.fd, [view], offset, RWF_NOWAIT)  # type: ignore[arg-type]  # f.nowait: it exists
             else:
                 n = os.preadv(f.fd, [view], offset)
         except BlockingIOError:

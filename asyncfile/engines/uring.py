@@ -115,6 +115,7 @@ class RingDriver(abstract.FileDescriptor):
     """
 
     log = Logger()
+    reactor: Any  # FileDescriptor's IReactorFDSet, also an IReactorTime (callLater)
 
     def __init__(self, reactor: Any = None, entries: int = 256, io_workers: int = 64,
                  max_dispatch: int = 32) -> None:
@@ -157,7 +158,7 @@ class RingDriver(abstract.FileDescriptor):
             raise
         self.ring, self._efd = ring, efd
         self.connected = 1
-        self.startReading()
+        self.startReading()  # type: ignore[no-untyped-call]  # Twisted's, unannotated
         return ring
 
     def _raise_worker_limit(self, ring: Ring) -> None:
@@ -263,13 +264,13 @@ class RingDriver(abstract.FileDescriptor):
     # -- submitting and reaping -----------------------------------------
     def _submit(self) -> int:
         try:
-            n = self.ring.submit()
+            n = self.ring.submit()  # type: ignore[union-attr]  # only called with a ring
         except OSError:
             self.log.failure("io_uring_enter failed; retrying on the next turn")
             return 0
         self.submits += 1
         self.submitted_ops += n
-        in_flight = self.ring.in_flight
+        in_flight = self.ring.in_flight  # type: ignore[union-attr]
         if in_flight > self.peak_in_flight:
             self.peak_in_flight = in_flight
         return n
@@ -301,7 +302,7 @@ class RingDriver(abstract.FileDescriptor):
 
     def _reap(self) -> None:
         backlog = self._backlog
-        results = self.ring.reap()
+        results = self.ring.reap()  # type: ignore[union-attr]  # only called with a ring
         if not backlog and len(results) <= self.max_dispatch:
             if results:
                 self._dispatch(results)
@@ -328,7 +329,7 @@ class RingDriver(abstract.FileDescriptor):
 
     def _pump(self) -> None:
         """Move waiting requests into the ring, FIFO, as room allows."""
-        ring = self.ring
+        ring: Ring = self.ring  # type: ignore[assignment]  # only called with a ring
         waiting = self._waiting
         ids = self._waiting_ids
         while waiting:
@@ -368,7 +369,7 @@ class RingDriver(abstract.FileDescriptor):
         if self._stop_d.called:
             done.callback(None)
         else:
-            self._stop_d.addBoth(lambda r: (done.callback(None), r)[1])
+            self._stop_d.addBoth(lambda r: (done.callback(None), r)[1])  # type: ignore[call-overload, func-returns-value]
         return done
 
     def _stop_now(self, timeout: float) -> None:
@@ -422,7 +423,7 @@ class RingDriver(abstract.FileDescriptor):
         self._stop_timer = None
         ring, efd = self.ring, self._efd
         if ring is not None and not ring.closed:
-            self.stopReading()
+            self.stopReading()  # type: ignore[no-untyped-call]
             self.connected = 0
             ring.close(timeout=0)  # references of what is still in flight are kept
         if efd >= 0:
@@ -439,7 +440,7 @@ class RingDriver(abstract.FileDescriptor):
             self.log.failure("io_uring completion handler failed")
 
     def _cancel_one_by_one(self) -> None:
-        ring = self.ring
+        ring: Ring = self.ring  # type: ignore[assignment]  # only called with a ring
         for target in list(self._handlers):
             if ring.sq_space() <= 0:
                 break
@@ -713,5 +714,5 @@ class RingBackend:
             self._stopping = self.driver.stop()
             self._stopping.addCallback(lambda _: self.pool.stop())
         done: defer.Deferred[None] = defer.Deferred()
-        self._stopping.addBoth(lambda r: (done.called or done.callback(None), r)[1])
+        self._stopping.addBoth(lambda r: (done.called or done.callback(None), r)[1])  # type: ignore[call-overload, func-returns-value]
         return done

@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from .slowfs import (
     FuseProcess,
@@ -54,6 +54,7 @@ from .slowfs import (
 __all__ = ["FaultFS", "fuse_unavailable_reason", "filler", "is_mounted"]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 KINDS = ("read", "open")
 
@@ -146,8 +147,10 @@ def _apparent_size(
     if after is None or reads_served < after:
         return None
     if fault.get("size") is not None:
-        return fault["size"]
-    return real_size + fault.get("grow_by", 0)
+        size: int = fault["size"]
+        return size
+    grown: int = real_size + fault.get("grow_by", 0)
+    return grown
 
 
 class FaultPassthrough(SlowPassthrough):
@@ -337,7 +340,7 @@ class FaultPassthrough(SlowPassthrough):
     def control(self, request: dict[str, Any]) -> Any:
         """Apply one request from the test process; return its answer."""
         op = request["op"]
-        key = request.get("path")
+        key: Any = request.get("path")  # None for the mount-wide ops
         with self._lock:
             if op == "set":
                 self._set(key, request["fault"])
@@ -782,7 +785,7 @@ class FaultFS(FuseProcess):
         for key in ("open_delay", "read_delay"):
             if key in fault and not fault[key] >= 0:
                 raise ValueError(f"{key} must be >= 0 seconds")
-        resizes = [(k, v) for k, v in (
+        resizes: list[tuple[str, Any]] = [(k, v) for k, v in (
             ("shrink_to", shrink_to), ("grow_by", grow_by),
             ("size_after_reads", size_after_reads)) if v is not None]
         if len(resizes) > 1:
@@ -810,7 +813,8 @@ class FaultFS(FuseProcess):
 
     def faults(self) -> dict[str, dict[str, Any]]:
         """The faults in force, per file (as the daemon stores them)."""
-        return self._call("faults")
+        faults: dict[str, dict[str, Any]] = self._call("faults")
+        return faults
 
     # -- gates -------------------------------------------------------------
 
@@ -837,15 +841,17 @@ class FaultFS(FuseProcess):
                  count: int | None) -> int:
         if count is not None and (not isinstance(count, int) or count < 0):
             raise ValueError("count must be a non-negative int or None")
-        return self._call("release", path=self._key(name), kind=kind,
-                          count=count)
+        woken: int = self._call("release", path=self._key(name), kind=kind,
+                                count=count)
+        return woken
 
     def blocked(self, name: str | os.PathLike[str] | None = None,
                 kind: str = "read") -> int:
         """How many *kind* calls of *name* (of any file if None) are parked
         at a gate now."""
         key = None if name is None else self._key(name)
-        return self._call("blocked", path=key, kind=self._kind(kind))
+        parked: int = self._call("blocked", path=key, kind=self._kind(kind))
+        return parked
 
     def wait_blocked(
         self,
@@ -895,7 +901,8 @@ class FaultFS(FuseProcess):
         close ``open_handles`` may still count it: use ``wait_closed``.
         """
         key = None if name is None else self._key(name)
-        return self._call("stats", path=key)
+        stats: dict[str, int] = self._call("stats", path=key)
+        return stats
 
     def wait_closed(self, name: str | os.PathLike[str] | None = None,
                     timeout: float = 10.0) -> dict[str, int]:
@@ -917,8 +924,8 @@ class FaultFS(FuseProcess):
 
     # -- polling -----------------------------------------------------------
 
-    def _wait(self, probe: Callable[[], Any], done: Callable[[Any], bool],
-              timeout: float, what: str) -> Any:
+    def _wait(self, probe: Callable[[], _T], done: Callable[[_T], bool],
+              timeout: float, what: str) -> _T:
         deadline = time.monotonic() + timeout
         pause = 0.0005
         while True:

@@ -94,7 +94,8 @@ class MemoryEngine:
         if self.reactor is None:
             raise ValueError("a latency needs a reactor (e.g. twisted.internet.task.Clock)")
         self.reads += 1
-        op = Op(lambda: (call.cancel(), op.deferred.errback(Failure(defer.CancelledError()))))
+        op = Op(lambda: (call.cancel(),
+                         op.deferred.errback(Failure(defer.CancelledError()))))  # type: ignore[func-returns-value]
         call = self.reactor.callLater(self.latency, op.deferred.callback, n)
         return op
 

@@ -38,7 +38,7 @@ from types import TracebackType
 from typing import Any, Sequence
 
 try:
-    import mfusepy
+    import mfusepy as mfusepy  # re-exported (asyncfile.testing.faultfs)
 except (ImportError, OSError) as _exc:  # OSError: libfuse not found.
     mfusepy = None
     _MFUSEPY_ERROR: BaseException | None = _exc
@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 _OperationsBase: Any = mfusepy.Operations if mfusepy is not None else object
 
 
-class SlowPassthrough(_OperationsBase):
+class SlowPassthrough(_OperationsBase):  # type: ignore[misc]  # mfusepy has no types
     """Read-only passthrough whose calls sleep to imitate slow storage."""
 
     use_ns = True  # Timestamps as integer nanoseconds (mfusepy >= 3).
@@ -519,7 +519,7 @@ class FuseProcess:
                                  (os.unlink, self._log_path),
                                  (os.rmdir, self._workdir)):
                 try:
-                    remove(path)
+                    remove(path)  # type: ignore[arg-type]  # all three set by start()
                 except FileNotFoundError:
                     pass
                 except OSError as exc:
@@ -582,7 +582,8 @@ class SlowFS(FuseProcess):
         max_read_size, max_concurrent_reads (cumulative since mount)."""
         if self.mount is None:
             raise RuntimeError("SlowFS not started")
-        return json.loads(os.getxattr(self.mount, STATS_XATTR))
+        stats: dict[str, int] = json.loads(os.getxattr(self.mount, STATS_XATTR))
+        return stats
 
 
 @functools.lru_cache(maxsize=None)

@@ -27,7 +27,6 @@ from asyncfile.sendfile import (
     PLAIN_TRANSPORTS,
     SendfileTransfer,
     TransportWritable,
-    adopt,
     file_refusal,
     send_file,
     stats,
@@ -316,6 +315,7 @@ async def test_slow_reading_client(loader, tmp_path, monkeypatch, kind, route):
             n = await transfer.start()
             assert transfer.route == "sendfile"
             assert transfer.writable_waits > 0
+            assert transfer.socket_full > 0  # short sendfile / EAGAIN: backpressure, not the turn budget
             # Cached: every byte went through sendfile, none through the buffer.
             assert transfer.sendfile_bytes == len(data)
             assert most_buffered[0] == 0
@@ -523,6 +523,80 @@ async def test_peer_reset_while_sending(loader, tmp_path):
         await link.close()
 
 
+class StopsReading(Collector):
+    """Reads ``after`` bytes, then stops reading for good (it may still go)."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.after = after
+        self.stopped = False
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if not self.stopped and self.received >= self.after:
+            self.stopped = True
+            self.transport.pauseProducing()
+
+
+def fds_on(path) -> list[int]:
+    """This process's descriptors open on ``path``."""
+    target = os.path.realpath(path)
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == target:
+                found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+@pytest.mark.parametrize("how", ["close", "abort"])
+@pytest_twisted.ensureDeferred
+async def test_client_that_stops_reading_then_goes(loader, tmp_path, monkeypatch, kind, how):
+    """A client reads 256 KiB, then stops reading: the transfer fills the
+    socket and waits for it (EAGAIN), sending nothing more.  Then the client
+    closes (with unread data: a reset on TCP) or aborts: the transfer ends
+    with ConsumerStopped, its descriptor and handle are closed, and the
+    server's transport is disconnected -- nothing waits for a socket that
+    will never drain."""
+    path = tmp_path / "f"
+    write_file(path, 16 * MiB)
+    client = StopsReading(256 * 1024)
+    link = await connect(kind, client, rcvbuf=16 * 1024, sndbuf=32 * 1024)
+    transfer = None
+    waits: list[bool] = []  # per wait for writability: was the socket full (not the turn over)?
+    want = TransportWritable.want_writable
+
+    def want_writable(hook):
+        waits.append(transfer is not None and transfer.socket_full > waits.count(True))
+        want(hook)
+
+    monkeypatch.setattr(TransportWritable, "want_writable", want_writable)
+    try:
+        transfer, handle = await start(loader, str(path), link.transport)
+        d = transfer.start()
+        # The client has stopped and the transfer waits for its full socket.
+        await until_(lambda: client.stopped and waits and waits[-1]
+                     and link.transport in reactor.getWriters())
+        assert not d.called and transfer.route == "sendfile"
+        assert len(fds_on(path)) == 1
+        stuck_at = transfer.written
+        if how == "close":
+            client.transport.loseConnection()
+        else:
+            client.transport.abortConnection()
+        with pytest.raises(ConsumerStopped) as stopped:
+            await d.addTimeout(10, reactor)
+        assert client.received <= stuck_at <= stopped.value.written < 16 * MiB
+        assert handle.closed and fds_on(path) == []
+        assert loader.stats()["open"] == 0 and loader.stats()["active"] == 0
+        await until_(lambda: link.transport.disconnected)
+    finally:
+        await link.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_cancel_and_handle_close_stop_the_transfer(loader, tmp_path):
     path = tmp_path / "f"
@@ -609,7 +683,7 @@ async def test_adopt_refuses_what_is_not_a_regular_file(loader):
     r, w = os.pipe()
     try:
         with pytest.raises(NotRegularFile):
-            await adopt(loader, os.dup(r))
+            await loader.adopt(os.dup(r))
         assert loader.stats()["open"] == 0 and loader.stats()["active"] == 0
     finally:
         os.close(r)
@@ -623,14 +697,14 @@ async def test_adopt_waits_for_a_place(make_loader, tmp_path):
     path = tmp_path / "f"
     write_file(path, 10)
     first = await loader.open(str(path))
-    d = adopt(loader, os.open(path, os.O_RDONLY))
+    d = loader.adopt(os.open(path, os.O_RDONLY))
     await task.deferLater(reactor, 0.01, lambda: None)
     assert not d.called and loader.stats()["waiting"] == 1
     await first.close()
     second = await d
     assert second.size == 10 and loader.stats()["open"] == 1
     # Cancelled while waiting: the descriptor is closed.
-    third = adopt(loader, os.open(path, os.O_RDONLY))
+    third = loader.adopt(os.open(path, os.O_RDONLY))
     third.cancel()
     with pytest.raises(defer.CancelledError):
         await third
@@ -967,6 +1041,7 @@ async def test_twisted_web_response_body(loader, engine, tmp_path):
 
     files = {b"/a": write_file(tmp_path / "a", 3 * MiB + 1), b"/b": write_file(tmp_path / "b", 70000, seed=9)}
     transfers = []
+    bodies = []  # each fires once its transfer has ended and its handle is closed
 
     class FileResource(resource.Resource):
         isLeaf = True
@@ -990,7 +1065,7 @@ async def test_twisted_web_response_body(loader, engine, tmp_path):
                 if request.channel is not None:
                     request.channel.transport.abortConnection()
 
-            defer.ensureDeferred(body()).addErrback(failed)
+            bodies.append(defer.ensureDeferred(body()).addErrback(failed))
             return server.NOT_DONE_YET
 
     port = reactor.listenTCP(0, server.Site(FileResource()), interface="127.0.0.1")
@@ -1003,7 +1078,12 @@ async def test_twisted_web_response_body(loader, engine, tmp_path):
     assert [t.route for t in transfers] == ["sendfile" if engine == "nowait" else "read"] * 3
     # The channel is the transport's producer again after each body.
     assert all(type(t.transport.producer).__name__ in ("HTTPChannel", "NoneType") for t in transfers)
-    # The client has closed: wait until the server has noticed (no socket left behind).
+    # The client has read the last body and closed.  The last transfer may end
+    # after that (when the server sees the client go), and its handle is
+    # closed before its Deferred fires -- in the I/O pool on the threads
+    # engine, so after the transport is gone: wait for both events.
+    await defer.gatherResults(bodies).addTimeout(10, reactor)
     from .test_loader import until
 
     await until(lambda: all(t.transport.disconnected for t in transfers))
+    assert all(t.handle.closed for t in transfers)

@@ -334,6 +334,9 @@ def _build_seeds() -> dict[str, bytes]:
         "animated.webp": _encode(frames[0], "WEBP", save_all=True, append_images=frames[1:]),
         "still.gif": _encode(_noise((32, 24)).quantize(16), "GIF"),
         "animated.gif": _encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "still.avif": _encode(_noise((64, 48)), "AVIF", quality=70),
+        "alpha.avif": _encode(_noise((64, 48), "RGBA"), "AVIF", quality=70),
+        "animated.avif": _encode(frames[0], "AVIF", save_all=True, append_images=frames[1:8]),
     }
     return seeds
 
@@ -499,6 +502,8 @@ def _strategies():
         {"width": 50, "height": 80, "fit": "scale", "format": "webp"},
         {"height": 120, "fit": "max", "format": "jpeg"},
         {"format": "png"},
+        {"width": 40, "frames": (1, None), "format": "gif"},
+        {"width": 48, "height": 48, "fit": "fill", "pad": 4, "rot": 30, "blur": 40, "format": "avif"},
         None,
     ])
     return mutated(), specs
@@ -525,10 +530,7 @@ def test_seeds_are_what_they_claim(worker):
     for name, data in SEEDS.items():
         answer = worker.call(data, {"width": 32})
         check(answer, data, name)
-        if name.endswith(".gif"):
-            assert answer["error"] == "UnsupportedImage", name
-        else:
-            assert answer["error"] is None and answer["result"][0] == 32, (name, answer)
+        assert answer["error"] is None and answer["result"][0] == 32, (name, answer)
     assert worker.call(SEEDS["animated.webp"], None)["header"]["frames"] > 1
     assert worker.call(SEEDS["apng.png"], None)["header"]["frames"] == 30
 
@@ -654,6 +656,11 @@ def _measured_cases() -> list[tuple[str, bytes]]:
         ("png palette 800x800", _encode(_noise((800, 800)).quantize(64), "PNG")),
         ("png grey16 600x600", _encode(Image.new("I;16", (600, 600), 20000), "PNG")),
         ("webp lossless 800x800", _encode(_noise((800, 800)), "WEBP", lossless=True, method=0)),
+        ("avif 800x600", _encode(_noise((800, 600)), "AVIF", quality=80, speed=9)),
+        ("gif 10 frames 400x300", _encode(_noise((400, 300)).quantize(256), "GIF", save_all=True,
+                                          append_images=[_noise((400, 300)).quantize(256) for _ in range(9)])),
+        ("webp 10 frames 400x300", _encode(_noise((400, 300)), "WEBP", save_all=True,
+                                           append_images=[_noise((400, 300)) for _ in range(9)])),
     ]
 
 
@@ -664,25 +671,64 @@ MEASURED_SPECS = [
     {"width": 1100, "height": 1100, "fit": "scale", "format": "webp"},
     {"height": 100, "fit": "max", "format": "png"},
 ]
+#: The specs whose estimates must also stay close to the measured peak.
+TIGHT_SPECS = list(MEASURED_SPECS)
+MEASURED_SPECS += [
+    {"width": 256, "format": "avif"},
+    {"width": 300, "frames": (1, None), "format": "gif"},
+    {"width": 300, "frames": (1, None), "format": "webp"},
+    {"width": 400, "height": 300, "fit": "fill", "pad": 10, "rot": 30, "blur": 100, "sharp": 50,
+     "bg": (255, 0, 0, 128), "format": "png"},
+]
 
 
-def test_estimate_bounds_measured_peaks(worker):
+def _loose_case(name: str) -> bool:
+    """Sources added with issue 12 (AVIF, animations): bounded from above only."""
+    return name.startswith(("avif", "gif", "webp 10"))
+
+
+@pytest.fixture
+def fresh_worker():
+    """A worker of its own: what earlier tests left mapped (AVIF codecs' pools and
+    tables) would hide part of the peaks measured here."""
+    w = Worker()
+    yield w
+    w.stop()
+    assert w.stderr_text() == "", "the worker wrote on stderr:\n" + w.stderr_text()[:4000]
+
+
+def test_estimate_bounds_measured_peaks(fresh_worker):
+    worker = fresh_worker
     rows = []
-    for name, data in _measured_cases():
-        for spec in MEASURED_SPECS:
-            answer = worker.call(data, spec, budget=2 << 30)
-            check(answer, data, name)
-            assert answer["error"] is None, (name, spec, answer)
-            if not answer["measured"]:
-                pytest.skip("peak RSS cannot be reset here (/proc/self/clear_refs)")
-            peak, estimate = answer["peak"] + len(data), answer["estimate"]
-            rows.append((name, spec, peak, estimate))
+    cases = _measured_cases()
+    cases_by_name = dict(cases)
+    # The closely checked pairs first, as they always ran: AVIF encoding and
+    # decoding leave memory mapped in the worker (libaom's tables, dav1d's
+    # pools) that later transforms reuse without raising their peak.
+    tight = [(n, d, s) for n, d in cases if not _loose_case(n) for s in TIGHT_SPECS]
+    rest = [(n, d, s) for n, d in cases for s in MEASURED_SPECS if (n, d, s) not in tight]
+    for name, data, spec in tight + rest:
+        answer = worker.call(data, spec, budget=2 << 30)
+        check(answer, data, name)
+        assert answer["error"] is None, (name, spec, answer)
+        if not answer["measured"]:
+            pytest.skip("peak RSS cannot be reset here (/proc/self/clear_refs)")
+        peak, estimate = answer["peak"] + len(data), answer["estimate"]
+        rows.append((name, spec, peak, estimate))
     report = "\n".join(f"{n:28s} {str(s):70s} peak {p / 2**20:7.1f} MiB  estimate "
                        f"{e / 2**20:7.1f} MiB  x{e / p:.2f}" for n, s, p, e in rows)
     for name, spec, peak, estimate in rows:
         assert peak <= estimate, f"estimate under the peak:\n{report}"
         # libwebp's own memory depends on the detail of the picture (6 bytes a
         # pixel for a flat one, 27 for noise at q100): the estimate covers noise.
+        if spec not in TIGHT_SPECS or _loose_case(name):
+            # AVIF output, animations, canvases and filters: only bounded from
+            # above here (libaom's ~10 MiB of tables are allocated once per
+            # process, so later peaks do not show them; kept frames, canvases
+            # and filtered copies are counted at 4 bytes a pixel each).
+            continue
+        if peak - len(cases_by_name[name]) < 64 << 10:
+            continue  # nothing measured: the transform ran in memory freed by the one before
         factor = 6 if spec.get("format") == "webp" else 4
         assert estimate <= factor * peak + (4 << 20), f"estimate far over the peak:\n{report}"
 

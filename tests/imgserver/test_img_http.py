@@ -488,7 +488,7 @@ async def test_raw_head_response_has_no_body(samples):
 
 BAD_QUERIES = [
     "w=abc", "w=0", "w=-5", "w=1.5", "w=99999", "h=0", "q=0", "q=101", "fit=crop", "fit=bogus&w=10",
-    "fm=gif", "w=10&w=20", "w=", "zoom=2", "w=%20%2010",
+    "fm=jp2", "w=10&w=20", "w=", "zoom=2", "w=%20%2010",
 ]
 
 

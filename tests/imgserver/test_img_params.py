@@ -73,7 +73,8 @@ def test_single_values_and_ints_are_accepted_for_pb_callers():
         # unknown
         ("width=100", "unknown parameter"),
         ("W=100", "unknown parameter"),
-        ("crop=faces", "unknown parameter"),
+        ("crop=faces&fit=crop&w=1&h=1", "not supported"),
+        ("zoom=2", "unknown parameter"),
         # empty
         ("w=", "empty"),
         ("h=", "empty"),
@@ -102,11 +103,12 @@ def test_single_values_and_ints_are_accepted_for_pb_callers():
         ("h=100000", "between 1 and 8192"),
         ("q=101", "between 1 and 100"),
         # bad names
-        ("fit=fill", "fit must be one of"),
+        ("fit=fill", "fit needs w, h or both"),
         ("fit=CROP&w=1", "fit must be one of"),
-        ("fm=gif", "fm must be one of"),
+        ("fit=clamp&w=1", "fit must be one of"),
+        ("fm=jp2", "fm must be one of"),
         ("fm=JPG", "fm must be one of"),
-        ("fm=avif", "fm must be one of"),
+        ("fm=png8", "fm must be one of"),
         # fit without a size
         ("fit=crop", "fit needs w, h or both"),
         ("fit=clip&fm=png", "fit needs w, h or both"),
@@ -145,8 +147,8 @@ def test_message_truncates_long_input():
         {"width": 0},
         {"height": -1},
         {"width": True},
-        {"fit": "fill"},
-        {"format": "gif"},
+        {"fit": "zoom"},
+        {"format": "heif"},
         {"quality": 0},
         {"quality": 101},
     ],

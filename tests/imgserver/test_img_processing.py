@@ -358,7 +358,7 @@ def test_jpeg_draft_is_used_with_margin(monkeypatch):
     data = encode(noisy((2000, 1000)), "JPEG")
     result = transform(data, TransformSpec(width=200), MAX)
     assert (result.width, result.height) == (200, 100)
-    assert requests == [(400, 200)]  # REDUCING_GAP x the target, never less
+    assert requests == [(round(200 * processing.DRAFT_GAP), round(100 * processing.DRAFT_GAP))]  # never less
 
 
 def test_no_draft_when_enlarging(monkeypatch):
@@ -479,7 +479,7 @@ def test_text_is_unsupported():
         info(b"")
 
 
-@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF"])
 def test_other_formats_are_unsupported(fmt):
     data = encode(Image.new("RGB", (10, 10)), fmt)
     with pytest.raises(UnsupportedImage, match=fmt) as info_:
@@ -617,7 +617,7 @@ def test_read_header_does_not_decode(monkeypatch):
 def test_read_header_refuses_what_transform_refuses():
     for data, error in [
         (b"<html></html>", UnsupportedImage),
-        (encode(Image.new("RGB", (10, 10)), "GIF"), UnsupportedImage),
+        (encode(Image.new("RGB", (10, 10)), "BMP"), UnsupportedImage),
         (encode(noisy((64, 64)), "PNG")[:30], CorruptImage),
         (png_claiming(10_000, 6_000), TooLarge),
         (jpeg_claiming(8_000, 8_000), TooLarge),

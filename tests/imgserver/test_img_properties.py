@@ -1,5 +1,5 @@
 """Property tests (hypothesis) of the pure HTTP-side logic: URL paths, query
-parameters, signatures, preconditions and ranges.
+parameters and signatures.
 
 * paths: any input gives segments or one of the documented errors, never a
   path that leaves the root; decoding happens exactly once
@@ -7,25 +7,21 @@ parameters, signatures, preconditions and ranges.
 * query: ``parse_transform`` gives a spec or BadRequest, the same each time;
 * signing: ``signed_url`` → the HTTP layer's parse → ``verify`` round-trips,
   and any change of endpoint, path, query or signature is refused;
-* conditional: ``evaluate`` gives 200/304/412 for any headers, consistently
-  with RFC 9110 §13.2.2; dates round-trip in all three formats; ranges stay
-  inside the file.
+* conditional requests: imgserver uses asyncfile.conditional, whose own
+  properties are in tests/asyncfile/test_conditional.py.
 """
 
 from __future__ import annotations
 
-import calendar
 import os
-import time
 from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from imgserver import conditional, paths, signing
-from imgserver.conditional import NOT_MODIFIED, OK, PRECONDITION_FAILED, Unsatisfiable, evaluate
-from imgserver.errors import BadRequest, Forbidden, ImageServerError, NotFound
+from imgserver import paths, signing
+from imgserver.errors import BadRequest, Forbidden, ImageServerError, NotFound, RangeNotSatisfiable, error_headers
 from imgserver.params import parse_transform
 
 PATH_ERRORS = (BadRequest, Forbidden, NotFound)
@@ -203,167 +199,19 @@ def test_verify_never_fails_except_forbidden(path, sig, args):
         signing.verify(SECRET, "images", path, args)
 
 
-# --- dates -----------------------------------------------------------------------------
-
-timestamps = st.integers(min_value=0, max_value=calendar.timegm((9999, 12, 31, 23, 59, 59)))
-
-
-def _formats(t: int) -> tuple[str, str, str]:
-    g = time.gmtime(t)
-    days = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-    months = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-    imf = conditional.http_date(t)
-    rfc850 = f"{days[g.tm_wday]}, {g.tm_mday:02d}-{months[g.tm_mon - 1]}-{g.tm_year % 100:02d} " \
-             f"{g.tm_hour:02d}:{g.tm_min:02d}:{g.tm_sec:02d} GMT"
-    asctime = f"{days[g.tm_wday][:3]} {months[g.tm_mon - 1]} {g.tm_mday:2d} " \
-              f"{g.tm_hour:02d}:{g.tm_min:02d}:{g.tm_sec:02d} {g.tm_year}"
-    return imf, rfc850, asctime
+# --- conditional requests ------------------------------------------------------------
+# The rules themselves are asyncfile.conditional's (tests/asyncfile/test_conditional.py);
+# imgserver's part is to use that code and answer its Unsatisfiable as a JSON 416.
 
 
-@common
-@given(timestamps)
-def test_the_three_date_formats_round_trip_as_utc(t):
-    imf, rfc850, asctime = _formats(t)
-    assert conditional.parse_http_date(imf) == t
-    assert conditional.parse_http_date(asctime) == t
-    # A two-digit year is the one within 50 years of now (here: of t).
-    assert conditional.parse_http_date(rfc850, now=t) == t
+def test_imgserver_uses_asyncfile_conditional():
+    import asyncfile.conditional
+    from imgserver import web
+
+    assert web.conditional is asyncfile.conditional
 
 
-@common
-@given(st.text(max_size=50))
-def test_parse_http_date_never_raises(value):
-    result = conditional.parse_http_date(value)
-    assert result is None or isinstance(result, int)
-
-
-# --- preconditions -------------------------------------------------------------------------
-
-opaque = st.text(alphabet="abcdef0123456789-", min_size=1, max_size=6)
-etags = st.builds(lambda weak, o: ("W/" if weak else "") + f'"{o}"', st.booleans(), opaque)
-tag_lists = st.one_of(
-    st.just("*"),
-    st.lists(etags, max_size=3).map(", ".join),
-    st.text(max_size=20),
-)
-dates = st.one_of(timestamps.map(conditional.http_date), st.text(max_size=12))
-headers = st.fixed_dictionaries({}, optional={
-    "if-match": tag_lists, "if-none-match": tag_lists,
-    "if-modified-since": dates, "if-unmodified-since": dates,
-})
-methods = st.sampled_from(["GET", "HEAD", "POST", b"GET", "get"])
-last_modified = st.one_of(st.none(), timestamps.map(float), st.floats(0, 2e9, allow_nan=False))
-
-
-@common
-@given(methods, st.one_of(st.none(), etags), last_modified, headers)
-def test_evaluate_is_total_and_deterministic(method, etag, modified, hdrs):
-    outcome = evaluate(method, etag, modified, hdrs)
-    assert outcome in (OK, NOT_MODIFIED, PRECONDITION_FAILED)
-    assert evaluate(method, etag, modified, dict(hdrs)) == outcome
-    if not hdrs:
-        assert outcome == OK
-    verb = (method.decode() if isinstance(method, bytes) else method).upper()
-    if outcome == NOT_MODIFIED:
-        assert verb in ("GET", "HEAD")
-
-
-@common
-@given(methods, etags, last_modified, headers)
-def test_evaluate_follows_the_rfc_9110_order(method, etag, modified, hdrs):
-    outcome = evaluate(method, etag, modified, hdrs)
-    # 1. A failed If-Match decides, whatever else is sent.
-    if "if-match" in hdrs and not conditional.strong_match(hdrs["if-match"], etag):
-        assert outcome == PRECONDITION_FAILED
-    # If-Match present: If-Unmodified-Since plays no part.
-    if "if-match" in hdrs:
-        without = {k: v for k, v in hdrs.items() if k != "if-unmodified-since"}
-        assert evaluate(method, etag, modified, without) == outcome
-    # If-None-Match present: If-Modified-Since plays no part.
-    if "if-none-match" in hdrs:
-        without = {k: v for k, v in hdrs.items() if k != "if-modified-since"}
-        assert evaluate(method, etag, modified, without) == outcome
-    # Preconditions that hold: a matching If-None-Match means 304 (GET/HEAD).
-    passes = {k: v for k, v in hdrs.items() if k in ("if-modified-since",)}
-    passes["if-none-match"] = etag
-    verb = (method.decode() if isinstance(method, bytes) else method).upper()
-    assert evaluate(method, etag, modified, passes) == (NOT_MODIFIED if verb in ("GET", "HEAD") else PRECONDITION_FAILED)
-    # "*" always matches a current representation.
-    assert evaluate(method, etag, modified, {"if-match": "*"}) == OK
-
-
-@common
-@given(etags, timestamps)
-def test_dates_against_last_modified(etag, t):
-    lm = float(t) + 0.75  # sub-second part: Last-Modified shows whole seconds
-    same, earlier = conditional.http_date(t), conditional.http_date(t - 1)
-    assert evaluate("GET", etag, lm, {"if-modified-since": same}) == NOT_MODIFIED
-    assert evaluate("GET", etag, lm, {"if-modified-since": earlier}) == OK
-    assert evaluate("GET", etag, lm, {"if-unmodified-since": same}) == OK
-    assert evaluate("GET", etag, lm, {"if-unmodified-since": earlier}) == PRECONDITION_FAILED
-
-
-@common
-@given(etags)
-def test_if_match_is_strong_and_if_none_match_weak(etag):
-    weak = etag.startswith("W/")
-    opaque_tag = etag.removeprefix("W/")
-    assert evaluate("GET", etag, None, {"if-match": opaque_tag}) == (PRECONDITION_FAILED if weak else OK)
-    assert evaluate("GET", etag, None, {"if-match": "W/" + opaque_tag}) == PRECONDITION_FAILED
-    assert evaluate("GET", etag, None, {"if-none-match": "W/" + opaque_tag}) == NOT_MODIFIED
-    assert evaluate("GET", etag, None, {"if-none-match": opaque_tag}) == NOT_MODIFIED
-
-
-# --- ranges --------------------------------------------------------------------------------
-
-range_headers = st.one_of(
-    st.builds(lambda a, b: f"bytes={a}-{b}", st.integers(0, 3000), st.integers(0, 3000)),
-    st.builds(lambda a: f"bytes={a}-", st.integers(0, 3000)),
-    st.builds(lambda a: f"bytes=-{a}", st.integers(0, 3000)),
-    st.text(max_size=30),
-    st.just("bytes=99999999999999999999999999-"),
-)
-
-
-@common
-@given(range_headers, st.integers(0, 2000))
-def test_parse_range_stays_inside_the_file(header, size):
-    try:
-        wanted = conditional.parse_range(header, size)
-    except Unsatisfiable as e:
-        assert e.size == size and e.status == 416
-        return
-    if wanted is not None:
-        offset, length = wanted
-        assert 0 <= offset < size and 1 <= length and offset + length <= size
-
-
-@common
-@given(st.integers(0, 2000), st.integers(0, 2000), st.integers(1, 2000))
-def test_parse_range_exact(a, b, size):
-    assume(a <= b)
-    header = f"bytes={a}-{b}"
-    if a >= size:
-        with pytest.raises(Unsatisfiable):
-            conditional.parse_range(header, size)
-    else:
-        assert conditional.parse_range(header, size) == (a, min(b, size - 1) - a + 1)
-
-
-@common
-@given(st.sampled_from(["HEAD", "POST", "PUT"]), range_headers, st.one_of(st.none(), etags), st.integers(0, 100))
-def test_range_is_for_get_only(method, header, etag, size):
-    assert conditional.select_range(method, {"range": header}, size, etag, 0.0, now=10.0) is None
-
-
-@common
-@given(range_headers, etags, st.text(max_size=30), st.integers(1, 100))
-def test_a_failed_if_range_means_the_whole_file(header, etag, if_range, size):
-    if conditional.range_applies(if_range, etag, 1000.0, 5000.0):
-        return
-    assert conditional.select_range("GET", {"range": header, "if-range": if_range}, size, etag, 1000.0,
-                                    now=5000.0) is None
-
-
-def test_errors_are_image_server_errors():
-    assert issubclass(Unsatisfiable, ImageServerError) and Unsatisfiable(5).status == 416
+def test_range_not_satisfiable_is_an_image_server_error():
+    err = RangeNotSatisfiable(1234)
+    assert isinstance(err, ImageServerError) and err.status == 416 and err.size == 1234
+    assert (b"Content-Range", b"bytes */1234") in error_headers(err)
