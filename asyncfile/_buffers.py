@@ -23,6 +23,11 @@ if _ZERO_COPY:
     _from_size.argtypes = [ctypes.c_char_p, ctypes.c_ssize_t]
     # ob_sval follows the header; bytes.__basicsize__ counts its 1 trailing NUL.
     _DATA_OFFSET = bytes.__basicsize__ - 1
+    # One array type for every buffer, its view cut to size: ``c_char * size``
+    # is a type per size (remade after each collection), and a type is
+    # cyclic garbage: 8 objects for each size not seen since the last
+    # collection -- about one type a load when files have many sizes.
+    _SPAN = ctypes.c_char * (sys.maxsize // 2)
 
 # Below this size a bytearray plus one copy is cheaper than the ctypes calls
 # (measured: 2.8 vs 4.2 µs at 16 KiB, 4.7 vs 3.2 µs at 64 KiB).  It also keeps
@@ -38,9 +43,9 @@ def allocate(size: int) -> tuple[bytes | bytearray, memoryview]:
     """
     if _ZERO_COPY and size >= _ZERO_COPY_MIN:
         obj = _from_size(None, size)
-        array = (ctypes.c_char * size).from_address(id(obj) + _DATA_OFFSET)
+        array = _SPAN.from_address(id(obj) + _DATA_OFFSET)
         array.owner = obj  # type: ignore[attr-defined]  # a view (say, in a pool thread) keeps the bytes alive
-        return obj, memoryview(array).cast("B")
+        return obj, memoryview(array).cast("B")[:size]
     obj = bytearray(size)
     return obj, memoryview(obj)
 

@@ -22,17 +22,33 @@ through an ``asyncfile.FileLoader``:
   replaced meanwhile never gives one version's headers with another's bytes.
   The request owns the handle and closes it on every way out (the answer
   sent, an error of any type, the client going away, a HEAD, 304, 412 or
-  416 answered early) before the request is finished.
+  416 answered early).  The request is finished as soon as its last byte is
+  handed over, without waiting for that close (off the reactor thread on
+  FUSE/NFS, a turn or more): a client that has its whole answer may close
+  the connection at once, and Twisted would then count the request as lost
+  (``notifyFinish`` failing, no access-log line).
 * **Confined by the kernel** (``openat2(RESOLVE_BENEATH)``, see
   ``asyncfile.confine``): ``..``, and symlinks leading outside the directory
   are refused (403), whatever the path or the tree contains.
 * **HTTP**: ETag, Last-Modified, If-None-Match, If-Modified-Since, If-Match,
   If-Unmodified-Since, If-Range, single and multipart byte ranges, HEAD, 416,
   with ``asyncfile.conditional`` (the same code imgserver uses).
-* **Zero-copy**: with ``zero_copy=True`` (default) a body to a plain TCP/UNIX
-  transport on a local file system is sent with ``os.sendfile``
+* **Small bodies in one piece**: a body (or a part of a multipart body) of
+  at most ``SMALL_BODY`` bytes (64 KiB) is read with one ``loader.load`` and
+  written with one ``request.write``; on a cached local file the whole
+  answer is written in the reactor turn that opened it.  Once the directory
+  is open a request is a chain of plain callbacks, no coroutine: cheaper,
+  and it leaves no reference cycles (garbage only the cyclic collector
+  frees, whose full collections stop the reactor for tens of milliseconds).
+* **Zero-copy**: with ``zero_copy=True`` (default) a larger body to a plain
+  TCP/UNIX transport on a local file system is sent with ``os.sendfile``
   (``asyncfile.sendfile``); anywhere else (TLS, HTTP/2, FUSE) it is read
   through asyncfile and written to the request.
+* **Logging**: an error after the answer started closes the connection (the
+  client sees a short body).  Unexpected errors are logged with their
+  traceback (server side only, never sent to the client); a request cut
+  short because the loader or the ``File`` closed (reactor shutdown) is one
+  short line; a client going away is not logged.
 
 Differences from ``twisted.web.static.File`` (each one deliberate):
 
@@ -550,13 +566,16 @@ class _Response:
                 on_error: Callable[[Failure], None] | None) -> None:
         if self.pending is d:
             self.pending = None
-        if isinstance(result, Failure):
-            (on_error or self._fail)(result)
-            return
         try:
-            then(result)
+            if isinstance(result, Failure):
+                (on_error or self._fail)(result)
+                return
+            try:
+                then(result)
+            except BaseException:
+                self._fail(Failure())
         except BaseException:
-            self._fail(Failure())
+            _log.failure("error while answering an error")
 
     def _watch(self) -> None:
         if self.watching:

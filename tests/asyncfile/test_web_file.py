@@ -14,12 +14,13 @@ import gc
 import io
 import os
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.web import resource, script, static
 
 from asyncfile import conditional
@@ -27,6 +28,7 @@ from asyncfile.web import File
 
 from .web_helpers import (
     HELLO,
+    LogCapture,
     all_closed,
     MTIME_NS,
     OUTSIDE,
@@ -542,6 +544,158 @@ async def test_zero_copy_on_and_off_send_the_same_bytes(tree, sites, make_loader
     assert fds_under(served) == {}
 
 
+# -- finishing as soon as the last byte is out --------------------------------------------------
+def _counting_site(root: Any) -> tuple[Any, dict[str, int], Callable[[int], defer.Deferred[None]]]:
+    """A Site counting what Twisted reports of each request: its ``notifyFinish``
+    fired (``finished``) or failed (``lost``), and its access-log lines."""
+    from twisted.web import server
+
+    counts = {"finished": 0, "lost": 0, "logged": 0}
+    waiting: list[tuple[int, defer.Deferred[None]]] = []
+
+    def ended(outcome: str) -> None:
+        counts[outcome] += 1
+        for total, d in list(waiting):
+            if counts["finished"] + counts["lost"] >= total:
+                waiting.remove((total, d))
+                d.callback(None)
+
+    class Request(server.Request):
+        def process(self) -> None:
+            self.notifyFinish().addCallbacks(lambda _: ended("finished"), lambda _: ended("lost"))
+            super().process()
+
+    class Site(server.Site):
+        def log(self, request: Any) -> None:
+            counts["logged"] += 1
+
+    def all_ended(total: int) -> defer.Deferred[None]:
+        """Fires once ``total`` requests have ended, one way or the other."""
+        from twisted.internet import reactor
+
+        d: defer.Deferred[None] = defer.Deferred()
+        waiting.append((total, d))
+        if counts["finished"] + counts["lost"] >= total:
+            waiting.remove((total, d))
+            d.callback(None)
+        return d.addTimeout(20, reactor)
+
+    site = Site(root)
+    site.requestFactory = Request
+    return site, counts, all_ended
+
+
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["sendfile", "read"])
+@pytest_twisted.ensureDeferred
+async def test_finished_in_the_turn_its_last_byte_is_handed_over(tmp_path, sites, make_loader, zero_copy,
+                                                                  monkeypatch):
+    """A client that reads exactly Content-Length bytes and closes at once
+    (curl) must find every request finished: ``notifyFinish`` fired, not
+    failed, and one access-log line each.  The request is finished in the
+    reactor turn that hands its last byte over (not after its handle's close,
+    which the threads engine runs in the pool), and sendfile says it is done
+    in the call that sent the last byte, even when that call used up the
+    turn's budget: here every one does, as on a busy machine."""
+    from twisted.internet import reactor
+
+    from asyncfile import sendfile as sendfile_module
+
+    from .web_helpers import EagerClient
+
+    ticks = iter(range(1, 1 << 62))
+    monkeypatch.setattr(sendfile_module, "perf_counter", lambda: float(next(ticks)))  # 1 s per call
+    served = str(tmp_path / "served")
+    os.mkdir(served)
+    sizes = {"tiny.bin": 100, "small.bin": 16 * 1024, "medium.bin": 100 * 1024, "large.bin": 3 << 20}
+    contents = {}
+    for name, size in sizes.items():
+        contents[name] = os.urandom(size)
+        with open(os.path.join(served, name), "wb") as f:
+            f.write(contents[name])
+    loader = make_loader()
+    files = File(served, loader=loader, zero_copy=zero_copy)
+    site, counts, all_ended = _counting_site(files)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    sites.ports.append(port)
+    before = _sendfile_stats()
+    rounds = 10
+    for _ in range(rounds):
+        for name, data in contents.items():
+            raw = await EagerClient(port.getHost().port, request_bytes("/" + name)).done
+            assert parse_answer(raw).body == data, name
+    total = rounds * len(contents)
+    await all_ended(total)
+    assert counts == {"finished": total, "lost": 0, "logged": total}
+    if zero_copy and loader.engine.name != "threads":  # medium and large went with sendfile
+        assert _sendfile_stats()["zero_copy"] - before["zero_copy"] == 2 * rounds
+    await sites.stop()
+    files.close()
+    await all_closed(loader)
+    assert loader.stats()["open"] == 0
+    assert fds_under(served) == {}
+
+
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["sendfile", "read"])
+@pytest_twisted.ensureDeferred
+async def test_requests_leave_no_reference_cycles(tmp_path, sites, make_loader, zero_copy):
+    """What a request leaves behind is freed by reference counting: objects
+    in reference cycles wait for the cyclic collector, and at thousands of
+    requests per second its full collections stop the reactor for tens of
+    milliseconds (measured: 26 objects a request, 30-40 ms pauses).
+
+    Counted with the collector off, per window of requests: none of
+    asyncfile's or twisted.web's objects, and no more ctypes types after
+    three rounds than after one (a buffer of a size not seen before made a
+    new array type: cyclic garbage)."""
+    from .web_helpers import EagerClient
+
+    served = str(tmp_path / "served")
+    os.makedirs(os.path.join(served, "dir"))
+    for name, size in (("small.bin", 16 * 1024), ("large.bin", 300 * 1024)):
+        with open(os.path.join(served, name), "wb") as f:
+            f.write(os.urandom(size))
+    loader = make_loader()
+    files = File(served, loader=loader, zero_copy=zero_copy)
+    port = sites.listen(files)
+    tag = etag_of_path(os.path.join(served, "small.bin"))
+    requests = [request_bytes("/small.bin"), request_bytes("/large.bin"),
+                request_bytes("/small.bin", "HEAD"), request_bytes("/small.bin", headers={"If-None-Match": tag}),
+                request_bytes("/small.bin", headers={"Range": "bytes=10-99"}),
+                request_bytes("/large.bin", headers={"Range": "bytes=0-9,100000-299999"}),
+                request_bytes("/missing.bin"), request_bytes("/dir")]
+    lengths = iter(range(40000, 60000, 7))  # ranges of sizes never seen before, loaded in one piece
+
+    async def serve_all() -> None:
+        for raw in requests:
+            await EagerClient(port, raw).done
+        await EagerClient(port, request_bytes("/large.bin", headers={"Range": f"bytes=0-{next(lengths)}"})).done
+        await all_closed(loader)
+
+    async def garbage(rounds: int) -> Counter[str]:
+        """The cyclic garbage of ``rounds`` rounds, by where its types come from."""
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(rounds):
+                await serve_all()
+            gc.collect()
+            return Counter("twisted.web" if type(o).__module__.startswith("twisted.web")
+                           else type(o).__module__.partition(".")[0] for o in gc.garbage)
+        finally:
+            gc.set_debug(0)
+            del gc.garbage[:]
+            gc.enable()
+
+    await serve_all()  # the first request opens the directory; caches fill
+    one, three = await garbage(1), await garbage(3)
+    # The server's side only: what earlier tests' clients drop meanwhile is not ours.
+    assert (one["asyncfile"], one["twisted.web"], three["asyncfile"], three["twisted.web"]) == (0, 0, 0, 0)
+    assert three["_ctypes"] <= one["_ctypes"], (one, three)
+    await sites.stop()
+    files.close()
+
+
 # -- the client going away --------------------------------------------------------------------
 @pytest.mark.parametrize("zero_copy", [True, False], ids=["sendfile", "read"])
 @pytest_twisted.ensureDeferred
@@ -553,10 +707,12 @@ async def test_client_gone_mid_body_closes_the_handle(tmp_path, sites, make_load
     loader = make_loader()
     files = File(served, loader=loader, zero_copy=zero_copy)
     port = sites.listen(files)
-    got = await raw_exchange(port, request_bytes("/large.bin"), stop_after=256 * 1024)
-    assert got.startswith(b"HTTP/1.1 200 OK")
-    assert len(got) < 48 << 20
-    await wait_for(lambda: loader.stats()["open"] == 0, what="the handle to be closed")
+    with LogCapture() as log:
+        got = await raw_exchange(port, request_bytes("/large.bin"), stop_after=256 * 1024)
+        assert got.startswith(b"HTTP/1.1 200 OK")
+        assert len(got) < 48 << 20
+        await wait_for(lambda: loader.stats()["open"] == 0, what="the handle to be closed")
+    assert log.failures() == [] and log.lines() == []  # a client going away is not worth a line
     files.close()
     assert fds_under(served) == {}
     assert loader.stats()["active"] == 0
@@ -589,6 +745,98 @@ async def test_client_gone_before_the_open_ends(fuse_tree, sites, make_loader):
     await sites.stop()
     files.close()
     assert fds_under(mount) == {}
+
+
+class _StalledClient(protocol.Protocol):
+    """Asks for a file, stops reading after the first bytes (the body stays
+    in flight), reads again on ``resume()``; ``closed`` fires with all it got."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.data = bytearray()
+        self.started: defer.Deferred[None] = defer.Deferred()
+        self.closed: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if not self.started.called:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+            self.started.callback(None)
+
+    def resume(self) -> None:
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed.callback(bytes(self.data))
+
+
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["sendfile", "read"])
+@pytest_twisted.ensureDeferred
+async def test_loader_closed_mid_body_logs_a_line_not_a_traceback(tmp_path, sites, make_loader, zero_copy):
+    """Reactor shutdown closes the loader under requests still sending: each
+    is cut short (its connection closed) and logged as one short line, with
+    no traceback; nothing reaches the client but the short body."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    served = str(tmp_path / "served")
+    os.mkdir(served)
+    size = 32 << 20  # far more than the socket buffers hold
+    with open(os.path.join(served, "large.bin"), "wb") as f:
+        f.write(os.urandom(1 << 20) * 32)
+    loader = make_loader()
+    files = File(served, loader=loader, zero_copy=zero_copy)
+    port = sites.listen(files)
+    clients = [_StalledClient(request_bytes("/large.bin")) for _ in range(3)]
+    with LogCapture() as log:
+        for client in clients:
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        for client in clients:
+            await client.started.addTimeout(20, reactor)
+        await loader.close()
+        for client in clients:
+            client.resume()
+        bodies = [await client.closed.addTimeout(20, reactor) for client in clients]
+    for raw in bodies:
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Length: %d" % size in head
+        assert len(body) < size
+    assert log.failures() == []
+    lines = log.lines()
+    assert len(lines) == len(clients), lines
+    assert all(line.startswith("stopped sending /large.bin") and "\n" not in line for line in lines), lines
+    await sites.stop()
+    files.close()
+    assert fds_under(served) == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_unexpected_error_mid_body_is_logged_with_its_traceback(tmp_path, sites, make_loader,
+                                                                      monkeypatch):
+    """An error nobody expects (a bug, say) after the headers went out: the
+    connection is closed short, the traceback is logged (server side only)."""
+    served = str(tmp_path / "served")
+    os.mkdir(served)
+    with open(os.path.join(served, "big.bin"), "wb") as f:
+        f.write(os.urandom(1 << 20))
+    loader = make_loader()
+    monkeypatch.setattr(loader, "stream", lambda *a, **k: defer.fail(RuntimeError("a bug in a stream")))
+    files = File(served, loader=loader)
+    port = sites.listen(files)
+    with LogCapture() as log:
+        raw = await raw_exchange(port, request_bytes("/big.bin"))
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and body == b""
+    failures = log.failures()
+    assert [type(f.value) for f in failures] == [RuntimeError]
+    assert "a bug in a stream" in failures[0].getTraceback()
+    await sites.stop()
+    files.close()
+    await all_closed(loader)
+    assert loader.stats()["open"] == 0
 
 
 # -- slow storage: the reactor keeps serving -------------------------------------------------
@@ -720,6 +968,7 @@ async def test_full_queue_answers_503_with_retry_after(tree, sites, make_loader)
     files = File(tree["served"], loader=loader)
     port = sites.listen(files)
     assert (await fetch(port, "/hello.txt")).status == 200  # the root is open now
+    await all_closed(loader)  # its place is given back (threads: after a close in the pool)
     held = await loader.open(os.path.join(tree["served"], "page.html"))
     try:
         for path in ("/hello.txt", "/list/", "/sub/"):
@@ -747,7 +996,9 @@ async def test_read_error_before_and_after_the_answer_started(fuse_tree, sites, 
     files = File(mount, loader=loader)
     port = sites.listen(files)
     fs.set_fault("big.bin", read_error_at=300000)
-    raw = await raw_exchange(port, request_bytes("/big.bin"))
+    with LogCapture() as log:
+        raw = await raw_exchange(port, request_bytes("/big.bin"))
+    assert [f.value.errno for f in log.failures()] == [errno.EIO]  # with its traceback, server side
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK")
     assert b"Content-Length: %d" % os.path.getsize(os.path.join(fs.source, "big.bin")) in head

@@ -255,3 +255,97 @@ async def all_closed(loader: Any, timeout: float = 20.0) -> None:
             waits.append(closed)
     if waits:
         await defer.gatherResults(waits).addTimeout(timeout, reactor)
+
+
+# -- a client that closes as soon as it has its whole answer ------------------------------
+class EagerClient:
+    """One HTTP/1.1 request on a plain socket (no Twisted protocol), read at
+    the start of every reactor iteration, before the reactor polls.
+
+    Once it holds the status line, the headers and Content-Length bytes of
+    body it closes the socket there and then, as curl does: the server's
+    very next poll sees the close.  A server that finishes the request only
+    a turn after its last byte reached the socket then finds the connection
+    gone first (Twisted fails ``notifyFinish`` and writes no access-log line).
+    ``done`` fires with everything received.
+    """
+
+    def __init__(self, port: int, request: bytes, timeout: float = 20.0) -> None:
+        import socket
+
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.sock = socket.create_connection(("127.0.0.1", port))  # loopback: the backlog accepts at once
+        self.sock.sendall(request)
+        self.sock.setblocking(False)
+        self.request = request
+        self.data = bytearray()
+        self.wanted: int | None = None  # header length + Content-Length, once known
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+        self.done.addTimeout(timeout, reactor, onTimeoutCancel=self._timed_out)
+        self._call: Any = reactor.callLater(0, self._poll)
+
+    def _timed_out(self, result: Any, timeout: float) -> Any:
+        if self._call is not None:
+            self._call.cancel()
+        self.sock.close()
+        return result
+
+    def _poll(self) -> None:
+        self._call = None  # not kept: a DelayedCall of our own method is a reference cycle
+        eof = False
+        try:
+            while True:
+                chunk = self.sock.recv(1 << 20)
+                if not chunk:
+                    eof = True
+                    break
+                self.data += chunk
+        except BlockingIOError:
+            pass
+        if self.wanted is None:
+            head, sep, _ = bytes(self.data).partition(b"\r\n\r\n")
+            if sep:
+                m = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+                bodiless = self.request.startswith(b"HEAD ") or head.startswith(b"HTTP/1.1 304")
+                assert m or bodiless, head
+                self.wanted = len(head) + 4 + (int(m.group(1)) if m and not bodiless else 0)
+        if self.wanted is not None and len(self.data) >= self.wanted:
+            self.sock.close()
+            self.done.callback(bytes(self.data))
+        elif eof:
+            self.sock.close()
+            self.done.errback(AssertionError(f"closed by the server after {len(self.data)} bytes"))
+        else:
+            self._call = self.reactor.callLater(0, self._poll)
+
+
+# -- what the server logged ---------------------------------------------------------------------
+class LogCapture:
+    """Every log event while it is installed (``with LogCapture() as log:``)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def __enter__(self) -> "LogCapture":
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(self.events.append)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.removeObserver(self.events.append)
+
+    def failures(self) -> list[Any]:
+        """The failures logged (each with its traceback), from anywhere."""
+        return [e["log_failure"] for e in self.events if "log_failure" in e]
+
+    def lines(self, namespace: str = "asyncfile.web") -> list[str]:
+        """The messages logged without a failure in ``namespace``, formatted."""
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.events
+                if e.get("log_namespace") == namespace and "log_failure" not in e]
