@@ -204,13 +204,24 @@ class ImageClient:
         """The server's counters (service and PB front end)."""
         return self._run(lambda: self._remote("stats"), timeout, "stats")
 
+    #: Seconds ``disconnect`` waits for a clean close before aborting the connection.
+    CLOSE_TIMEOUT = 5.0
+
     def disconnect(self) -> defer.Deferred[None]:
-        """Close the connection; fires once it is closed."""
+        """Close the connection; fires once it is closed.
+
+        A clean close waits for what is buffered to be sent; a peer that does
+        not read could make that wait forever, so after ``CLOSE_TIMEOUT``
+        seconds the connection is aborted instead (bounded waiting).
+        """
         if not self.connected:
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
         self._lost.append(d)
-        self.broker.transport.loseConnection()
+        transport = self.broker.transport
+        transport.loseConnection()
+        abort = self.reactor.callLater(self.CLOSE_TIMEOUT, transport.abortConnection)
+        d.addBoth(lambda result: (abort.active() and abort.cancel(), result)[1])
         return d
 
     # -- plumbing ---------------------------------------------------------
