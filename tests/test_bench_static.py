@@ -74,7 +74,10 @@ def test_smallest_setting_runs_and_counters_agree(tmp_path):
             for cell in cells.values():
                 server = cell[0]["server"]
                 assert set(server["statuses"]) <= {"200"}, (kind, server)
-                assert server["bytes_acked"] >= cell[0]["wrk"]["bytes"], (kind, server)
+                # The server samples tcpi_bytes_acked possibly before the last delayed
+                # ACKs: a segment per connection of slack, as the benchmark's own check.
+                slack = 65536 * cell[0]["wrk"].get("connections", 64)
+                assert server["bytes_acked"] >= cell[0]["wrk"]["bytes"] - slack, (kind, server)
     if png is None:
         return
     head = png.read_bytes()[:24]
