@@ -421,14 +421,25 @@ async def test_evicted_file_is_read_off_the_reactor_thread(loader, tmp_path, kin
     # Readahead of those reads brought the rest in: sendfile took over.
     assert transfer.sendfile_bytes > 0
 
-    # The same file, now cached: nothing off-thread.
-    link = await connect(kind)
-    try:
-        transfer, _ = await start(loader, str(path), link.transport)
-        await transfer.start()
-    finally:
-        assert await link.finish() == data
-    assert transfer.offthread_reads == 0 and transfer.sendfile_bytes == len(data)
+    # The same file, now cached: nothing off-thread.  The page cache is the
+    # machine's: on a busy one a page can go between the check and the send
+    # (seen once in a loaded run), so a few tries, each checked cached first.
+    tries = []
+    for attempt in range(3):
+        with open(path, "rb") as f:  # cached (again, if pages went)
+            while f.read(MiB):
+                pass
+        cached = cached_fraction(path)
+        link = await connect(kind)
+        try:
+            transfer, _ = await start(loader, str(path), link.transport)
+            await transfer.start()
+        finally:
+            assert await link.finish() == data
+        tries.append((cached, transfer.offthread_reads, transfer.sendfile_bytes))
+        if cached == 1.0 and transfer.offthread_reads == 0:
+            break
+    assert transfer.offthread_reads == 0 and transfer.sendfile_bytes == len(data), tries
 
 
 @pytest_twisted.ensureDeferred
