@@ -39,7 +39,7 @@ from zope.interface import implementer
 
 from . import confine
 from .engines.base import Root, check_regular
-from .errors import NotRegularFile, Overloaded
+from .errors import LoaderClosed, NotRegularFile, Overloaded
 from .limiter import Limiter, Slot
 from .pool import IOPool
 
@@ -381,6 +381,11 @@ class FileConsumer:
     def _granted(self, slot: Slot) -> None:
         self._waiter = None
         self._slot = slot
+        if self.loader._closing is not None:
+            # A place given back while close() stops every handle: start
+            # nothing (close() would have stopped this write a moment later).
+            self._stop(Failure(LoaderClosed()))
+            return
         self.state = WriteState.OPENING
         self._pump()
 

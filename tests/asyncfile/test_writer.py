@@ -766,6 +766,37 @@ async def test_close_stops_writes_and_waits_for_them(make_loader, tmp_path, gate
     assert_idle(loader)
 
 
+@pytest_twisted.ensureDeferred
+async def test_close_fails_writes_waiting_for_a_place_and_starts_none(make_loader, tmp_path, monkeypatch):
+    """close() closes an open handle before it reaches the writes waiting for
+    its place: the place it gives back must not start one of them (an open
+    of a temporary file during close()).  Every waiting write fails with
+    LoaderClosed and no step of theirs is submitted to the pool."""
+    from .test_ownership import _InsertionOrdered
+
+    steps: list[Any] = []
+    real_submit = FileConsumer._submit
+    monkeypatch.setattr(FileConsumer, "_submit", lambda self, kind, *a: (steps.append(kind), real_submit(self, kind, *a))[1])
+    loader = make_loader(max_open=1)
+    loader._handles = _InsertionOrdered()
+    source = tmp_path / "source"
+    source.write_bytes(b"data")
+    handle = await loader.open(str(source))
+    waiting = [Outcome(loader.write(tmp_path / f"w{i}", b"w")) for i in range(3)]
+    consumer = loader.file_consumer(tmp_path / "c")
+    assert loader.stats()["waiting"] == 4
+    closing = loader.close()
+    for write in waiting:
+        await write.wait()
+        assert write.fired == 1 and write.failed_with(LoaderClosed), write.result
+    with pytest.raises(LoaderClosed):
+        await consumer.finish()
+    await closing
+    assert steps == [] and handle.closed
+    assert sorted(os.listdir(tmp_path)) == ["source"]
+    assert_idle(loader)
+
+
 # ---------------------------------------------------------------------------
 # The consumer with real producers
 # ---------------------------------------------------------------------------
