@@ -616,6 +616,30 @@ async def test_connect_timeout_against_a_silent_server(env):
     await eventually(lambda: open_fds() <= before)
 
 
+@pytest_twisted.ensureDeferred
+async def test_disconnect_aborts_when_the_server_stops_reading(env, monkeypatch):
+    """disconnect() waits for a clean close only CLOSE_TIMEOUT seconds: a
+    server that stops reading leaves the client's buffer unsent forever, and
+    the connection is then aborted (bounded waiting), not kept."""
+    from imgserver.client import ImageClient
+
+    monkeypatch.setattr(ImageClient, "CLOSE_TIMEOUT", 0.3)
+    server = env.serve()
+    client = await env.client(server)
+    (link,) = server.front.links
+    link.broker.transport.stopReading()  # the server stops reading; the kernel buffers fill up
+    transport = client.broker.transport
+    transport.write(b"\0" * (32 << 20))  # more than both sockets' buffers hold: some stays in Twisted's
+    assert transport.dataBuffer or transport._tempDataBuffer
+    started = time.monotonic()
+    await client.disconnect()
+    elapsed = time.monotonic() - started
+    assert 0.3 <= elapsed < 5 and not client.connected
+    assert await client.disconnect() is None  # again: nothing to do
+    link.broker.transport.abortConnection()  # what it has not read is junk: not to be parsed
+    await eventually(lambda: server.pb_stats()["connections"] == 0)
+
+
 # -- resources -------------------------------------------------------------------------
 
 
