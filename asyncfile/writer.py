@@ -83,6 +83,7 @@ class _Loader(Protocol):
     _limiter: Limiter
     _handles: set[Any]
     _state: Any
+    _closing: defer.Deferred[None] | None
     open_files: int
     written: int
     write_bytes: int

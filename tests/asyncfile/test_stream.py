@@ -153,11 +153,14 @@ async def test_stream_into_a_tcp_connection_that_drops(make_loader, tmp_path):
     port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
         protocol.Factory.forProtocol(Sender))
     try:
-        factory = protocol.ClientFactory.forProtocol(protocol.Protocol)
-        client = await endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(factory)
+        class DropsAtFirstBytes(protocol.Protocol):
+            def dataReceived(self, data):  # the stream is under way: the client goes
+                self.transport.abortConnection()
+
+        factory = protocol.ClientFactory.forProtocol(DropsAtFirstBytes)
+        await endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(factory)
         sender = await server_side
         streaming = loader.stream(path, sender.transport)
-        reactor.callLater(0.01, client.transport.abortConnection)
         with pytest.raises(ConsumerStopped) as info:
             await streaming
         assert 0 < info.value.written < 64 * 1024 * 1024
