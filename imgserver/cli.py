@@ -3,6 +3,7 @@
     imgserver [--root DIR] [--http ENDPOINT] [--pb ENDPOINT] [--workers N] [--max-queue N]
               [--cache-mb N] [--secret KEY] [--max-pixels N] [--max-file-mb N] [--timeout SECONDS]
               [--grace SECONDS] [--gallery] [--demo [--serve]]
+              [--processes N|auto [--balance shared|reuseport]]
 
 Endpoints are Twisted endpoint strings (``tcp:8080``, ``tcp:8080:interface=127.0.0.1``,
 ``unix:/run/img.sock``).  With no ``--root`` it serves the built-in samples.
@@ -13,16 +14,24 @@ itself for a few images over HTTP and PB, prints what happened and exits;
 ``--gallery``: an HTML gallery of every image under the root at ``/``
 (:mod:`imgserver.gallery`; it lists every name, with a secret it hands out
 signed URLs: off unless asked).
+``--processes N`` (``auto``: one per core): a parent binds the endpoints
+and runs N worker processes serving them, restarts a worker that dies,
+drains them all on SIGTERM/SIGINT and restarts them one by one on SIGHUP
+(:mod:`imgserver.processes`); ``/metrics`` and ``/healthz`` of any worker
+cover every worker (:mod:`imgserver.cluster`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
 import sys
 from dataclasses import fields
 from typing import Any, Sequence
 
-from twisted.internet import defer, endpoints, task
+from twisted.internet import defer, endpoints, protocol, task
 from twisted.logger import FilteringLogObserver, Logger, PredicateResult, globalLogBeginner, textFileLogObserver
 
 from .metrics import Metrics
@@ -38,6 +47,8 @@ DEFAULT_HTTP = "tcp:8080"
 #: Loopback only: PB is reachable from elsewhere only when asked (and then needs a secret).
 DEFAULT_PB = "tcp:8789:interface=127.0.0.1"
 DEFAULT_GRACE = 10.0
+#: Seconds a server waits for its image root and result tiers before it listens anyway.
+START_WAIT = 10.0
 
 _OPTION_FOR = {
     "root": ("--root", str),
@@ -61,6 +72,11 @@ _OPTION_FOR = {
     "max_streams": ("--max-streams", int),
     "max_frames": ("--max-frames", int),
     "presets": ("--preset", str),  # repeatable: NAME:QUERY
+    "result_dir": ("--result-dir", str),
+    "result_dir_max_mb": ("--result-dir-max-mb", float),
+    "memcached": ("--memcached", str),
+    "memcached_timeout": ("--memcached-timeout", float),
+    "memcached_max_item_kb": ("--memcached-max-item-kb", int),
 }
 
 
@@ -89,10 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an HTML gallery of every image under the root at / (lists every name; with a "
                              "secret it hands out signed URLs for every image)")
     parser.add_argument("--quiet", action="store_true", help="no access log on stdout")
+    parser.add_argument("--processes", type=_processes, default=1,
+                        help="worker processes serving the same ports ('auto': one per core); 1: this process "
+                             "serves, with no parent")
+    parser.add_argument("--balance", choices=("shared", "reuseport"), default=None,
+                        help="with --processes N>1: 'shared': the workers accept from one listening socket "
+                             "(the default: balances by load, a draining worker leaves nothing queued); "
+                             "'reuseport': a socket per worker with SO_REUSEPORT (spread by address hash)")
+    parser.add_argument("--worker-sockets", default=None, help=argparse.SUPPRESS)  # set by the parent
     parser.add_argument("--switch-interval", type=float, default=0.001,
                         help="Python's GIL switch interval in seconds: how long the reactor thread may "
                              "wait for a busy worker thread to let go (Python's default is 0.005)")
     return parser
+
+
+def _processes(value: str) -> int:
+    from .processes import processes_count
+
+    try:
+        return processes_count(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', not {value!r}") from None
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -111,9 +144,22 @@ class Server:
         self.ports: list[Any] = []
         self.http_port: Any = None
         self.pb_port: Any = None
+        self.cluster: Any = None  # a worker's view of every worker (imgserver.cluster)
+
+    async def _start_service(self) -> None:
+        """Start the service; wait (at most ``START_WAIT`` s) for its root and result
+        tiers, so the first requests find stored results (a slow root or tier only
+        delays listening by that much: requests that arrive before wait for the root)."""
+        started = self.service.start()
+        ready: defer.Deferred[None] = defer.Deferred()
+        started.addBoth(lambda _: ready.called or ready.callback(None))
+        timer = self.reactor.callLater(START_WAIT, lambda: ready.called or ready.callback(None))
+        await ready
+        if timer.active():
+            timer.cancel()
 
     async def listen(self, http: str | None, pb: str | None) -> None:
-        self.service.start()
+        await self._start_service()
         if http and http != "none":
             self.http_port = await endpoints.serverFromString(self.reactor, http).listen(self.site)
             self.ports.append(self.http_port)
@@ -126,6 +172,38 @@ class Server:
             self.pb_port = await listen_pb(self.reactor, pb, self.service)
             self.ports.append(self.pb_port)
             log.info("Perspective Broker on {address}", address=self.pb_port.getHost())
+
+    async def adopt(self, sockets: dict[str, Any]) -> None:
+        """Serve the listening sockets a ``--processes`` parent handed over
+        (``{"http"|"pb": {"fd": N, ...}}``, see :mod:`imgserver.processes`)."""
+        from .processes import adopt_listener
+
+        await self._start_service()
+        if "http" in sockets:
+            self.http_port = adopt_listener(self.reactor, sockets["http"]["fd"], sockets["http"], self.site)
+            self.ports.append(self.http_port)
+            log.info("HTTP on {address} (worker)", address=self.http_port.getHost())
+        if "pb" in sockets:
+            from .pb import ExposedWithoutSecret, _exposed_message, is_local_address, make_pb_factory
+
+            self.pb_port = adopt_listener(self.reactor, sockets["pb"]["fd"], sockets["pb"],
+                                          make_pb_factory(self.service))
+            self.ports.append(self.pb_port)
+            if self.settings.secret is None and not is_local_address(self.pb_port.getHost()):
+                raise ExposedWithoutSecret(_exposed_message(str(self.pb_port.getHost())))
+            log.info("Perspective Broker on {address} (worker)", address=self.pb_port.getHost())
+
+    def start_cluster(self) -> None:
+        """In a worker of ``--processes N``: publish this worker's snapshots and answer
+        ``/metrics`` and ``/healthz`` for every worker."""
+        from .cluster import from_environment
+        from .web import local_health
+
+        self.cluster = from_environment(self.reactor, render=self.metrics.render,
+                                        health=lambda: local_health(self.service, self.metrics, self.site))
+        if self.cluster is not None:
+            self.metrics.cluster = self.cluster
+            self.cluster.start()
 
     async def stop(self, grace: float = DEFAULT_GRACE) -> None:
         """Stop accepting; wait (at most ``grace`` s) until the work in flight is
@@ -140,6 +218,8 @@ class Server:
         """
         await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
         self.ports = []
+        if self.cluster is not None:  # a draining worker stops speaking for itself: the others see it go
+            await self.cluster.stop()
         self.site.drain()
         deadline = self.reactor.seconds() + grace
 
@@ -154,7 +234,9 @@ class Server:
         while self.site.channels and self.reactor.seconds() < deadline:
             await task.deferLater(self.reactor, 0.02, lambda: None)
         self.site.close_connections(abort=True)
-        self.service.stop()
+        # What is left of the grace period (at least a moment) for the tiers' background writes; then
+        # the service closes its tiers, loader and root: waited for, so the reactor stopping cuts nothing off.
+        await self.service.stop(grace=max(0.1, deadline - self.reactor.seconds()))
 
 
 async def _serve(reactor: Any, args: argparse.Namespace, settings: Settings) -> None:
@@ -176,6 +258,62 @@ async def _serve(reactor: Any, args: argparse.Namespace, settings: Settings) -> 
     await defer.Deferred()  # until a signal stops the reactor
 
 
+class _Control(protocol.Protocol):
+    """A worker's pipes to its parent: says "ready"; the parent gone (EOF) means stop."""
+
+    def __init__(self, on_lost: Any) -> None:
+        self.on_lost = on_lost
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.on_lost()
+
+
+async def _serve_worker(reactor: Any, args: argparse.Namespace, settings: Settings) -> None:
+    """A worker of ``--processes N``: serve the parent's sockets until told to stop."""
+    from twisted.internet import stdio
+
+    from .pb import ExposedWithoutSecret
+    from .processes import _READY_FD
+
+    running: defer.Deferred[None] = defer.Deferred()
+    reactor.callWhenRunning(running.callback, None)
+    await running  # the reactor's signal handlers are in place: ours replace them below
+    server = Server(reactor, settings, gallery=args.gallery)
+    try:
+        await server.adopt(json.loads(args.worker_sockets))
+    except ExposedWithoutSecret as e:
+        log.critical("{message}", message=str(e))
+        await server.stop(0)
+        raise SystemExit(2) from None
+    server.start_cluster()
+    stopping: list[defer.Deferred[None]] = []
+
+    def stop(orphaned: bool = False) -> None:
+        """Once, whatever asks (SIGTERM, SIGINT, the parent gone)."""
+        if not stopping:
+            log.info("worker {id}: draining{why}", id=os.environ.get("IMGSERVER_WORKER_ID"),
+                     why=" (the parent is gone)" if orphaned else "")
+            stopping.append(defer.Deferred.fromCoroutine(server.stop(args.grace)))
+            if orphaned and server.cluster is not None:
+                stopping[0].addBoth(lambda _: server.cluster.abandon())
+            stopping[0].addBoth(lambda _: reactor.stop())
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda n, f: reactor.callFromThread(stop))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent's business
+    control = stdio.StandardIO(_Control(lambda: stop(orphaned=True)), stdin=0, stdout=_READY_FD, reactor=reactor)
+    control.write(b"ready\n")
+    await defer.Deferred()  # until stop() stops the reactor
+
+
+async def _serve_parent(reactor: Any, args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from .processes import run_parent
+
+    code = await run_parent(reactor, args, argv)
+    if code:
+        raise SystemExit(code)
+
+
 def _not_access_log(event: dict[str, Any]) -> PredicateResult:
     if event.get("log_namespace") == "imgserver.access":
         return PredicateResult.no
@@ -183,6 +321,11 @@ def _not_access_log(event: dict[str, Any]) -> PredicateResult:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["warm"]:  # ``imgserver warm ...``: fill the result tiers ahead of requests
+        from .warm import main as warm
+
+        raise SystemExit(warm(argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
@@ -194,6 +337,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         build_parser().error(str(e))
     if args.serve and not args.demo:
         build_parser().error("--serve goes with --demo")
+    if args.processes > 1 and args.demo:
+        build_parser().error("--demo runs in one process: leave out --processes")
+    if args.balance is not None and args.processes == 1:
+        build_parser().error("--balance goes with --processes N>1")
+    if args.balance is None:
+        from .processes import DEFAULT_BALANCE
+
+        args.balance = DEFAULT_BALANCE
     sys.setswitchinterval(args.switch_interval)
     if args.demo:
         from .demo import run_demo
@@ -204,7 +355,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.quiet:  # everything but the access log: start-up, warnings and errors still show
         observer = FilteringLogObserver(observer, [_not_access_log])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    task.react(lambda reactor: defer.Deferred.fromCoroutine(_serve(reactor, args, settings)))
+    if args.worker_sockets is not None:  # started by a --processes parent
+        task.react(lambda reactor: defer.Deferred.fromCoroutine(_serve_worker(reactor, args, settings)))
+    elif args.processes > 1:
+        task.react(lambda reactor: defer.Deferred.fromCoroutine(_serve_parent(reactor, args, argv)))
+    else:
+        task.react(lambda reactor: defer.Deferred.fromCoroutine(_serve(reactor, args, settings)))
 
 
 if __name__ == "__main__":

@@ -122,6 +122,49 @@ class _ServiceCollector:
         for name, doc, value in counters:
             if value is not None:
                 yield CounterMetricFamily(name, doc, value=value)
+        if stats.get("processed") is not None:
+            yield CounterMetricFamily("imgserver_processed", "Images really processed (not answered from the "
+                                      "memory cache or a result tier)", value=stats["processed"])
+        yield from _tier_families(stats)
+
+
+#: Numbers of a tier's stats() that are levels, not counts (the rest are counters).
+TIER_GAUGES = frozenset({"available", "bytes", "entries", "max_bytes", "servers", "down", "connected", "waiting",
+                         "pending_bytes"})
+
+
+def _tier_families(stats: dict[str, Any]) -> Iterator[Any]:
+    """The result tiers (issue 11): the service's own counts by tier, and each tier's numbers
+    (``imgserver_result_tier_<stat>{tier=...}``, a counter or, for levels, a gauge)."""
+    tiers = stats.get("tiers") or {}
+    if not tiers:
+        return
+    for name, doc, values in (
+        ("imgserver_tier_hits", "Transforms answered from a result tier, without processing",
+         stats.get("tier_hits", {})),
+        ("imgserver_tier_failures", "Tier operations that failed, raised or missed the service's guard "
+         "deadline (a miss: the request was processed)", stats.get("tier_failures", {})),
+    ):
+        family = CounterMetricFamily(name, doc, labels=["tier"])
+        for tier, value in values.items():
+            family.add_metric([tier], value)
+        yield family
+    yield GaugeMetricFamily("imgserver_tier_puts_pending", "Results being written to the tiers in the background",
+                            value=stats.get("tier_puts_pending", 0))
+    yield CounterMetricFamily("imgserver_tier_puts_skipped", "Results not offered to a tier: too many writes pending",
+                              value=stats.get("tier_puts_skipped", 0))
+    families: dict[str, Any] = {}
+    for tier, numbers in sorted(tiers.items()):
+        for stat, value in sorted(numbers.items()):
+            if not isinstance(value, (int, float)) or not stat.isidentifier():
+                continue  # bool is an int: a 0/1 gauge ("available")
+            family = families.get(stat)
+            if family is None:
+                kind = GaugeMetricFamily if stat in TIER_GAUGES or isinstance(value, bool) else CounterMetricFamily
+                family = families[stat] = kind(f"imgserver_result_tier_{stat}", f"Result tier stat {stat!r}",
+                                               labels=["tier"])
+            family.add_metric([tier], int(value) if isinstance(value, bool) else value)
+    yield from families.values()
 
 
 class _GaugeCollector:
@@ -160,6 +203,9 @@ class Metrics:
         self.gauge("imgserver_reactor_lag_seconds",
                    f"Largest reactor lag measured in the last {LAG_WINDOW:g} s", self.lag.current)
         service.observe(lambda kind, seconds: self.processing.observe(seconds))
+        #: With ``--processes N``: the :class:`imgserver.cluster.ClusterView` that ``/metrics`` and
+        #: ``/healthz`` answer for (every worker); None in a single process.
+        self.cluster: Any = None
 
     def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
         """Export ``read()`` as the gauge ``name`` (read at scrape time)."""
@@ -176,7 +222,8 @@ class Metrics:
 
 
 class MetricsResource(resource.Resource):
-    """``GET /metrics`` rendered in the reactor thread (it is all in memory)."""
+    """``GET /metrics`` rendered in the reactor thread (it is all in memory: with
+    several workers, the others' snapshots were read beforehand, off the reactor)."""
 
     isLeaf = True
 
@@ -188,4 +235,6 @@ class MetricsResource(resource.Resource):
         request.endpoint = "metrics"
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         request.setHeader(b"Cache-Control", b"no-store")
-        return self.metrics.render()
+        own = self.metrics.render()
+        cluster = self.metrics.cluster
+        return cluster.render(own) if cluster is not None else own

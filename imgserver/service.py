@@ -10,6 +10,10 @@
                       lane (``max_streams``; beyond it Overloaded at once)
       transform/info→ result cache, keyed by (dev, inode, size, mtime_ns) and
                       the canonical variant (a hit is answered here)
+                    → result tiers (transforms only): the machine's result
+                      store, then memcached, each within its deadline; a hit
+                      is answered without a place in the heavy lane (a stored
+                      result never waits behind processing nor gets a 503)
                     → heavy lane (``workers`` at once, ``max_queue`` waiting,
                       beyond that Overloaded at once)
                     → load from the descriptor, at most max_file_bytes + 1
@@ -18,7 +22,8 @@
                     → memory budget (``max_memory_mb``): the header's estimate
                       waits until it fits; one that can never fit is TooLarge
                     → decode/transform/encode in a worker thread
-                    → cache → callers
+                    → cache → callers; the result is offered to every tier
+                      in the background (never awaited by a request)
 
 Only misses are remembered (``MISS_TTL``, at most ``MAX_MISSES`` names): a
 flood of requests for missing files does not reach the file system every
@@ -38,6 +43,10 @@ a missing one), a path leading out of the root Forbidden (403), any full
 queue Overloaded (503 with ``retry_after()``), and anything unexpected an
 InternalError that says nothing about paths (logged here).
 
+A tier is an optimisation, never a dependency: whatever a tier does (fails,
+raises a bug, hangs past its own deadline) the service treats as a miss,
+bounded by its own guard deadline, and counts it (``stats()["tier_failures"]``).
+
 Transport-agnostic: it knows nothing of HTTP or PB (``BodyProducer`` writes a
 body into any Twisted ``IConsumer``).
 """
@@ -51,7 +60,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IConsumer, IPushProducer
@@ -75,7 +84,9 @@ from .errors import (
     TooLarge,
 )
 from .params import TransformSpec
+from .record import ResultKey
 from .settings import Settings
+from .tiers import IResultTier
 
 __all__ = ["ImageService", "Located", "BodyProducer", "MemoryBudget", "sniff_content_type"]
 
@@ -97,6 +108,37 @@ DEFAULT_PROCESSING_SECONDS = 0.25
 #: ``retry_after`` bounds, in seconds.
 MIN_RETRY_AFTER = 1
 MAX_RETRY_AFTER = 60
+#: The service's own bound on a tier's answer when the tier says nothing of
+#: its deadline (``timeout`` attribute): a tier is trusted to answer within
+#: its deadline, and this guard catches one that does not.
+DEFAULT_TIER_DEADLINE = 1.0
+#: A guard is the tier's own ``timeout`` times this, plus ``TIER_MARGIN`` s.
+TIER_SLACK = 2.0
+TIER_MARGIN = 0.05
+#: Puts to the tiers in the background at once, at most: beyond it a result
+#: is not offered (counted ``tier_puts_skipped``), so slow tiers cannot
+#: pile up work.
+MAX_PENDING_PUTS = 256
+#: ... and bodies of at most this many bytes in all (a body offered to two
+#: tiers counts twice), so a slow tier cannot pin results in memory either.
+MAX_PENDING_PUT_BYTES = 64 * 2**20
+#: Seconds ``stop()`` waits, by default, for puts in progress before it
+#: cancels them and closes the tiers.
+STOP_PUTS_GRACE = 1.0
+#: Seconds ``stop()`` waits for each tier's ``close()`` (then for the store's loader).
+TIER_CLOSE_DEADLINE = 2.0
+#: Seconds ``start()`` waits for the tiers to start.
+TIER_START_DEADLINE = 10.0
+#: A misbehaving tier is logged at most once per this many seconds (always counted).
+TIER_LOG_INTERVAL = 10.0
+#: The service's guard on a put (tiers bound their own puts well below it).
+TIER_PUT_DEADLINE = 5.0
+#: The result store's own file loader (apart from the images' one, so that
+#: store traffic never takes an image request's place): descriptors and
+#: waiters at once, and I/O threads.
+STORE_MAX_OPEN = 32
+STORE_MAX_WAITING = 512
+STORE_IO_THREADS = 4
 
 def sniff_content_type(head: bytes) -> str | None:
     """The Content-Type of an image we serve, from its first bytes; None otherwise."""
@@ -170,6 +212,10 @@ class Located:
     def version(self) -> tuple[int, int, int, int]:
         """(dev, inode, size, mtime_ns): what result-cache keys and ETags are made of."""
         return (self.dev, self.inode, self.size, self.mtime_ns)
+
+    def result_key(self, spec: TransformSpec) -> ResultKey:
+        """What names ``spec`` applied to this version of the file (result tiers, ETags)."""
+        return ResultKey(self.dev, self.inode, self.size, self.mtime_ns, self.path, spec.cache_key())
 
     @property
     def etag(self) -> str:
@@ -389,6 +435,30 @@ class _Flight:
         self.cacheable = True
 
 
+def _follow(d: defer.Deferred[Any]) -> defer.Deferred[None]:
+    """A new Deferred firing (with None) once ``d`` fired, leaving ``d``'s result alone."""
+    follower: defer.Deferred[None] = defer.Deferred()
+    d.addBoth(lambda r: (follower.callback(None), r)[1])
+    return follower
+
+
+def _at_most(reactor: Any, d: defer.Deferred[Any], seconds: float) -> defer.Deferred[None]:
+    """A Deferred firing (with None) once ``d`` fired or ``seconds`` passed,
+    whichever comes first; ``d`` itself is left alone (not cancelled)."""
+    out: defer.Deferred[None] = defer.Deferred()
+
+    def fire(_: Any = None) -> Any:
+        if not out.called:
+            out.callback(None)
+        if timer.active():
+            timer.cancel()
+        return _
+
+    timer = reactor.callLater(seconds, fire)
+    d.addBoth(fire)
+    return out
+
+
 _NOT_FOUND_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP})
 
 
@@ -398,7 +468,12 @@ class ImageService:
     log = Logger()
 
     def __init__(self, settings: Settings, reactor: Any = None, loader: IFileLoader | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 tiers: Sequence[IResultTier] | None = None) -> None:
+        """``tiers``: the result tiers asked in order before processing (None:
+        from the settings: a ``ResultStore`` with ``result_dir``, then a
+        ``MemcachedTier`` with ``memcached``).  The service owns its tiers:
+        ``start()`` starts them (those with a ``start()``), ``stop()`` closes them."""
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -435,24 +510,89 @@ class ImageService:
         self._started = False
         self._stopped = False
         self._trigger: Any = None
+        self._store_loader: FileLoader | None = None
+        self.tiers: list[Any] = list(self._default_tiers() if tiers is None else tiers)
+        self.tier_names: list[str] = []
+        for index, tier in enumerate(self.tiers):
+            name = str(getattr(tier, "name", "") or f"tier{index}")
+            self.tier_names.append(name if name not in self.tier_names else f"{name}{index}")
+        #: Per tier: None while starting, then whether it is usable.
+        self._tier_ready: list[bool | None] = [None if hasattr(t, "start") else True for t in self.tiers]
+        self.tier_hits = dict.fromkeys(self.tier_names, 0)
+        self.tier_failures = dict.fromkeys(self.tier_names, 0)
+        self.tier_puts_skipped = 0
+        self.in_tiers = 0  # flights asking the tiers now
+        self._puts: set[defer.Deferred[Any]] = set()
+        self._put_bytes = 0
+        self._tier_logged: dict[str, float] = {}
+        self._tiers_started: defer.Deferred[Any] = defer.succeed(None)
+        self._tiers_closing: defer.Deferred[None] | None = None
+
+    def _default_tiers(self) -> list[Any]:
+        """The tiers the settings ask for (their modules imported only then)."""
+        settings, tiers = self.settings, []
+        if settings.result_dir is not None:
+            from .store import ResultStore
+
+            # Its own loader: store traffic never takes an image request's place.
+            self._store_loader = FileLoader(self.reactor, max_open=STORE_MAX_OPEN,
+                                            max_waiting=STORE_MAX_WAITING, io_threads=STORE_IO_THREADS)
+            try:
+                tiers.append(ResultStore(self.reactor, self._store_loader, settings.result_dir,
+                                         settings.result_dir_max_bytes))
+            except BaseException:
+                self._store_loader.close()
+                raise
+        if settings.memcached_servers:
+            from .memcached import MemcachedTier
+
+            tiers.append(MemcachedTier(self.reactor, settings.memcached_servers, timeout=settings.memcached_timeout,
+                                       max_item_bytes=settings.memcached_max_item_kb * 1024))
+        return tiers
 
     # -- life cycle -----------------------------------------------------
     def start(self) -> defer.Deferred[None]:
-        """Start the workers, configure Pillow's limits, open the image root.
+        """Start the workers, configure Pillow's limits, open the image root, start the tiers.
 
         The returned Deferred fires once the root is open (or could not be:
         then a warning is logged, requests answer 404 and the root is tried
-        again at most once per ``MISS_TTL``).  Requests that arrive before
-        wait for it, so callers need not wait.
+        again at most once per ``MISS_TTL``) and every tier started (or
+        failed to: it is then left out, with a warning).  Requests that
+        arrive before wait for the root, so callers need not wait; a tier
+        still starting is passed over (a miss), never waited for.
         """
         if self._started:
-            return self._root_ready()
+            return self._ready()
         self._started = True
         processing.configure_pillow(self.settings.max_pixels)
         self.pool.start()
         self._trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
         self._open_root()
-        return self._root_ready()
+        self._tiers_started = self._start_tiers()
+        return self._ready()
+
+    def _ready(self) -> defer.Deferred[None]:
+        d = defer.gatherResults([self._root_ready(), _follow(self._tiers_started)], consumeErrors=True)
+        d.addBoth(lambda _: None)
+        return d
+
+    def _start_tiers(self) -> defer.Deferred[None]:
+        def started(outcome: Any, index: int) -> None:
+            if isinstance(outcome, Failure):
+                self._tier_ready[index] = False
+                self.log.warn("the {tier} result tier did not start ({error}): left out",
+                              tier=self.tier_names[index], error=outcome.getErrorMessage())
+            elif self._tier_ready[index] is None:
+                self._tier_ready[index] = True
+
+        waits = []
+        for index, tier in enumerate(self.tiers):
+            if self._tier_ready[index] is not None:
+                continue
+            d = defer.maybeDeferred(tier.start).addBoth(started, index)
+            waits.append(d)
+        # A tier that never finishes starting stays passed over; start() does not wait for it forever.
+        return _at_most(self.reactor, defer.DeferredList(waits), TIER_START_DEADLINE)
 
     def _open_root(self) -> None:
         self._root_failed_at = None
@@ -513,12 +653,17 @@ class ImageService:
         self._root_waiters.append(waiter)
         return waiter
 
-    def stop(self) -> defer.Deferred[None]:
-        """Stop the workers (waits for running work), close every file and the root.
+    def stop(self, grace: float = STOP_PUTS_GRACE) -> defer.Deferred[None]:
+        """Stop the workers (waits for running work), close every file and the root, close the tiers.
 
-        The Deferred fires once the loader closed its descriptors."""
-        if not self._started or self._stopped:
+        Puts to the tiers still in progress get ``grace`` seconds to end, then
+        are cancelled (a tier leaves no partial entry), then every tier is
+        closed.  The Deferred fires once the loader closed its descriptors and
+        the tiers are closed."""
+        if self._stopped:
             return defer.succeed(None)
+        if not self._started:
+            return _follow(self._close_tiers(0))
         self._stopped = True
         if self._trigger is not None:
             # Stopped before the reactor: the reactor must not keep the
@@ -541,11 +686,46 @@ class ImageService:
                 root.close()
 
         closing.addBoth(close_root)
-        return closing
+        if not self.tiers:
+            return closing
+        both = defer.gatherResults([closing, _follow(self._close_tiers(grace))], consumeErrors=True)
+        both.addBoth(lambda _: None)
+        return both
+
+    def _close_tiers(self, grace: float) -> defer.Deferred[None]:
+        if self._tiers_closing is None:
+            self._tiers_closing = defer.Deferred.fromCoroutine(self._closing_tiers(grace))
+        return self._tiers_closing
+
+    async def _closing_tiers(self, grace: float) -> None:
+        """Let puts end (at most ``grace`` s), cancel the rest, close each tier
+        (at most ``TIER_CLOSE_DEADLINE`` s), then the store's loader.  Never fails."""
+        if self._puts and grace > 0:
+            await _at_most(self.reactor, defer.DeferredList(list(self._puts)), grace)
+        for put in list(self._puts):
+            put.cancel()
+        closes = []
+        for index, tier in enumerate(self.tiers):
+            try:
+                d = defer.maybeDeferred(tier.close)
+            except Exception:  # maybeDeferred catches; this is for a tier with no close at all
+                d = defer.fail()
+            d.addErrback(self._tier_failed, index, "close")
+            closes.append(_at_most(self.reactor, d, TIER_CLOSE_DEADLINE))
+        await defer.DeferredList(closes)
+        if self._store_loader is not None:
+            await _at_most(self.reactor, self._store_loader.close(), TIER_CLOSE_DEADLINE)
+
+    def wait_for_puts(self, timeout: float | None = None) -> defer.Deferred[None]:
+        """Fires once every put to the tiers in progress now has ended (each is
+        bounded), or after ``timeout`` seconds: for ``imgserver warm`` and
+        tests, which need results kept before they go on.  Never fails."""
+        pending = defer.DeferredList(list(self._puts))
+        return _follow(pending) if timeout is None else _at_most(self.reactor, pending, timeout)
 
     def busy(self) -> int:
-        """Requests in the heavy lane (waiting or in processing)."""
-        return self.heavy.active + self.heavy.waiting
+        """Requests in the heavy lane (waiting or in processing) or asking the result tiers."""
+        return self.heavy.active + self.heavy.waiting + self.in_tiers
 
     def observe(self, f: Callable[[str, float], None]) -> None:
         """Call ``f(kind, seconds)`` after each processing (for metrics)."""
@@ -789,9 +969,125 @@ class ImageService:
             raise defer.CancelledError("no caller is left")
         return result
 
+    # -- result tiers ------------------------------------------------------------
+    def _tier_deadline(self, tier: Any) -> float:
+        """The service's guard on a tier's ``get``: past the tier's own deadline, with slack."""
+        timeout = getattr(tier, "timeout", None)
+        if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
+            return timeout * TIER_SLACK + TIER_MARGIN
+        return DEFAULT_TIER_DEADLINE
+
+    def _tier_failed(self, failure: Failure, index: int, what: str, count: bool = True) -> None:
+        """A tier broke its contract (failed, raised, or missed our guard deadline): counted (but a
+        failure of its stats), a miss, and logged at most once per ``TIER_LOG_INTERVAL`` per tier (a
+        hung tier under load would otherwise write a line per request)."""
+        name = self.tier_names[index]
+        if count:
+            self.tier_failures[name] += 1
+        now = self._clock()
+        last = self._tier_logged.get(name)
+        if last is not None and now - last < TIER_LOG_INTERVAL:
+            return
+        self._tier_logged[name] = now
+        if failure.check(defer.TimeoutError):
+            self.log.warn("the {tier} result tier did not answer a {what} in time", tier=name, what=what)
+        else:
+            self.log.failure("the {tier} result tier failed a {what}", failure, tier=name, what=what)
+
+    async def _from_tiers(self, flight: _Flight, key: ResultKey) -> processing.Result | None:
+        """The first tier's result for ``key`` (offered to the tiers before it
+        that missed), or None.  Each tier within its deadline (and ours)."""
+        missed: list[int] = []
+        for index, tier in enumerate(self.tiers):
+            if not self._tier_ready[index]:
+                continue  # starting, or failed to start
+            found = await self._tier_get(index, tier, key)
+            if found is not None:
+                self.tier_hits[self.tier_names[index]] += 1
+                if missed:
+                    self._offer(key, found, missed)
+                return found
+            missed.append(index)
+            if not flight.waiters:
+                raise defer.CancelledError("no caller is left")
+        return None
+
+    async def _tier_get(self, index: int, tier: Any, key: ResultKey) -> processing.Result | None:
+        try:
+            d = defer.maybeDeferred(tier.get, key)
+        except Exception:
+            d = defer.fail()
+        d.addTimeout(self._tier_deadline(tier), self.reactor)
+        try:
+            found = await d
+        except defer.CancelledError:
+            raise  # the caller left: so do we
+        except Exception:
+            self._tier_failed(Failure(), index, "get")
+            return None
+        if found is not None and not isinstance(found, processing.Result):
+            self._tier_failed(Failure(TypeError(f"get answered a {type(found).__name__}")), index, "get")
+            return None
+        return found
+
+    def _offer(self, key: ResultKey, result: processing.Result, indices: Sequence[int]) -> None:
+        """Put ``result`` to the tiers at ``indices`` in the background: tracked
+        (``stop()`` lets them end or cancels them), bounded in number and time,
+        never awaited by a request and never failing it."""
+        for index in indices:
+            if self._stopped or not self._tier_ready[index]:
+                continue
+            size = len(result.body)
+            if len(self._puts) >= MAX_PENDING_PUTS or self._put_bytes + size > MAX_PENDING_PUT_BYTES:
+                self.tier_puts_skipped += 1
+                continue
+            tier = self.tiers[index]
+            self._put_bytes += size
+            try:
+                d = defer.maybeDeferred(tier.put, key, result)
+            except Exception:
+                d = defer.fail()
+            d.addTimeout(TIER_PUT_DEADLINE, self.reactor)
+
+            def done(outcome: Any, d: defer.Deferred[Any] = d, index: int = index, size: int = size) -> None:
+                self._puts.discard(d)
+                self._put_bytes -= size
+                if isinstance(outcome, Failure) and not (self._stopped and outcome.check(defer.CancelledError)):
+                    self._tier_failed(outcome, index, "put")
+
+            d.addBoth(done)
+            if not d.called:
+                self._puts.add(d)
+
+    def _tier_stats(self) -> dict[str, Any]:
+        out = {}
+        for index, (name, tier) in enumerate(zip(self.tier_names, self.tiers)):
+            try:
+                out[name] = dict(tier.stats())
+            except Exception:
+                self._tier_failed(Failure(), index, "stats", count=False)
+                out[name] = {}
+        return out
+
     async def _heavy_work(self, flight: _Flight, located: Located, spec: TransformSpec | None) -> Any:
         settings = self.settings
         try:
+            key = None
+            if spec is not None and self.tiers:
+                # Before a place in the heavy lane: a kept result never waits
+                # behind processing, nor gets a 503 because processing is full.
+                key = located.result_key(spec)
+                # The source's descriptor stays open meanwhile (each tier is
+                # bounded): after a miss the image is loaded from it, so what
+                # is processed is the version the key names.  A hit or a
+                # caller leaving closes it at once (below).
+                self.in_tiers += 1
+                try:
+                    found = await self._from_tiers(flight, key)
+                finally:
+                    self.in_tiers -= 1
+                if found is not None:
+                    return found  # lands in the memory cache; ``processed`` does not count it
             try:
                 slot = await self.heavy.acquire()
             except QueueFull:
@@ -832,6 +1128,8 @@ class ImageService:
                 self.processing_seconds.append(elapsed)
                 for observe in self._observers:
                     observe("info" if spec is None else "transform", elapsed)
+                if key is not None and flight.cacheable:  # a changed file's bytes are not its version's
+                    self._offer(key, result, range(len(self.tiers)))
                 return result
             finally:
                 slot.release()
@@ -898,6 +1196,13 @@ class ImageService:
             "retry_after": self.retry_after(),
             "cache": self.cache.stats(),
             "files": self.loader.stats(),
+            "tiers": self._tier_stats(),
+            "tier_hits": dict(self.tier_hits),
+            "tier_failures": dict(self.tier_failures),
+            "in_tiers": self.in_tiers,
+            "tier_puts_pending": len(self._puts),
+            "tier_puts_pending_bytes": self._put_bytes,
+            "tier_puts_skipped": self.tier_puts_skipped,
         }
 
     def _abandoned_now(self) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 
 from .params import parse_presets
 
-__all__ = ["Settings", "SAMPLES_DIR", "MIN_SECRET_BYTES", "MAX_DIMENSION_LIMIT"]
+__all__ = ["Settings", "parse_servers", "SAMPLES_DIR", "MIN_SECRET_BYTES", "MAX_DIMENSION_LIMIT"]
 
 #: Built-in sample images, served when no ``root`` is configured.
 SAMPLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples")
@@ -52,6 +52,31 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_servers(value: str | None) -> tuple[tuple[str, int], ...]:
+    """``"HOST:PORT[,HOST:PORT...]"`` -> ((host, port), ...); ``[v6]:port`` accepted.
+
+    Raises ``ValueError`` naming the bad entry.  Duplicates are refused: they
+    would skew the consistent hashing.
+    """
+    if value is None:
+        return ()
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("memcached must be HOST:PORT[,HOST:PORT...]")
+    servers: list[tuple[str, int]] = []
+    for entry in value.split(","):
+        entry = entry.strip()
+        host, sep, port = entry.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(
+                c.isspace() or c in "/[]" for c in host):
+            raise ValueError(f"memcached: {entry!r} is not HOST:PORT")
+        if (host, int(port)) in servers:
+            raise ValueError(f"memcached: {entry!r} is listed twice")
+        servers.append((host, int(port)))
+    return tuple(servers)
 
 
 @dataclass(frozen=True)
@@ -171,6 +196,36 @@ class Settings:
         ),
     )
 
+    result_dir: str | None = field(
+        default=None,
+        metadata=_help(
+            "Directory of the on-disk result store (transformed images kept across restarts, shared by "
+            "the processes of one machine); None: no store."
+        ),
+    )
+    result_dir_max_mb: float = field(
+        default=1024,
+        metadata=_help("Size the result store is kept under, in MiB (least recently used entries go first)."),
+    )
+    memcached: str | None = field(
+        default=None,
+        metadata=_help(
+            "memcached servers HOST:PORT[,HOST:PORT...] sharing results between machines (consistent "
+            "hashing); None: no memcached tier."
+        ),
+    )
+    memcached_timeout: float = field(
+        default=0.05,
+        metadata=_help(
+            "Seconds a request waits for memcached before it processes the image itself (a slow or dead "
+            "memcached never fails a request)."
+        ),
+    )
+    memcached_max_item_kb: int = field(
+        default=1024,
+        metadata=_help("memcached's item size limit (its -I), in KiB: larger results are not stored there."),
+    )
+
     def __post_init__(self) -> None:
         if self.root is not None:
             root = os.fspath(self.root)
@@ -226,6 +281,15 @@ class Settings:
         self._check_int("max_dimension", minimum=1, maximum=MAX_DIMENSION_LIMIT)
         self._check_int("default_quality", minimum=1, maximum=100)
         self._check_int("max_frames", minimum=1)
+        if self.result_dir is not None:
+            result_dir = os.fspath(self.result_dir)
+            if not isinstance(result_dir, str) or not result_dir or "\0" in result_dir:
+                raise ValueError("result_dir must be a non-empty directory path (no NUL) or None")
+            object.__setattr__(self, "result_dir", result_dir)
+        self._check_number("result_dir_max_mb", minimum=0, allow_zero=False)
+        object.__setattr__(self, "_memcached_servers", parse_servers(self.memcached))
+        self._check_number("memcached_timeout", minimum=0, allow_zero=False)
+        self._check_int("memcached_max_item_kb", minimum=1)
         presets = () if self.presets is None else self.presets
         if isinstance(presets, str) or not all(isinstance(p, str) for p in presets):
             raise ValueError("presets must be a sequence of NAME:QUERY strings")
@@ -274,6 +338,16 @@ class Settings:
     def preset_params(self) -> dict[str, dict[str, str]]:
         """Preset name -> its parameters (what ``parse_transform(presets=...)`` takes)."""
         return self._preset_params  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def result_dir_max_bytes(self) -> int:
+        """``result_dir_max_mb`` in bytes."""
+        return int(self.result_dir_max_mb * 1024 * 1024)
+
+    @property
+    def memcached_servers(self) -> tuple[tuple[str, int], ...]:
+        """``memcached`` parsed: ((host, port), ...), empty without memcached."""
+        return self._memcached_servers  # type: ignore[attr-defined, no-any-return]
 
     @property
     def signed(self) -> bool:

@@ -1,4 +1,13 @@
-"""imgserver as a twistd application: ``twistd -n imgserver --root DIR ...``."""
+"""imgserver as a twistd application: ``twistd -n imgserver --root DIR ...``.
+
+One process only: ``--processes`` other than 1 is refused with a usage
+error.  twistd owns the process (daemonizing, pid file, log files, its own
+signal handling and reactor choice); a parent that re-executes itself as
+``python -m imgserver`` workers would run outside what twistd set up (its
+logger, ``--reactor``, ``--uid``/``--gid``, chroot), so under twistd run one
+instance per core behind a balancer, or use ``imgserver --processes N``
+(e.g. under systemd) for one port served by several processes.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ class Options(usage.Options):
         ["pb", None, DEFAULT_PB, "Perspective Broker endpoint ('none' to disable); without a "
          "secret only loopback or a UNIX socket"],
         ["grace", None, DEFAULT_GRACE, "seconds work in flight may take to finish at shutdown", float],
+        ["processes", None, "1", "worker processes: only 1 under twistd (use the imgserver command for more)"],
     ]
     _help = Settings.help()
     for _field in fields(Settings):
@@ -35,6 +45,11 @@ class Options(usage.Options):
     del _help, _field, _option, _kind
 
     def postOptions(self) -> None:
+        if str(self["processes"]).strip() != "1":
+            raise usage.UsageError(
+                "--processes is not supported under twistd, which runs and owns one process (daemon, pid file, "
+                "logging, --reactor, --uid): run `imgserver --processes N` for several worker processes on one "
+                "port, or one twistd instance per core behind a load balancer")
         given = {f.name: self[_OPTION_FOR[f.name][0].lstrip("-")] for f in fields(Settings)}
         try:
             self["settings"] = Settings(**{k: v for k, v in given.items() if v is not None})

@@ -54,7 +54,6 @@ every connection a few times a second):
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import time
@@ -752,9 +751,11 @@ class ImagesResource(_AsyncResource):
 
     async def _transformed(self, request: Any, located: Any, spec: Any) -> None:
         # Weak: the bytes depend on Pillow's and the codecs' versions, while
-        # the tag only names the source version and the canonical transform.
-        digest = hashlib.blake2b(f"{located.etag}|{spec.cache_key()}".encode(), digest_size=12).hexdigest()
-        etag = f'W/"{digest}"'
+        # the tag only names the source version and the canonical transform --
+        # by path, size and mtime (as memcached's key), not device and inode:
+        # instances on other machines with copies of the files give the same
+        # tag, so a CDN revalidating against any of them gets a 304.
+        etag = f'W/"{located.result_key(spec).shared_digest().hex()}"'
         mtime = located.mtime
         outcome = conditional.evaluate(request.method, etag, mtime, self._conditional_headers(request))
         if outcome is conditional.PRECONDITION_FAILED:
@@ -811,9 +812,30 @@ def _retry_after(service: Any) -> int:
     return int(retry_after()) if retry_after is not None else 1
 
 
+def local_health(service: Any, metrics: Metrics, site: "ImageSite | None") -> dict[str, Any]:
+    """This process's health: the service's, plus reactor lag and connections
+    (what ``/healthz`` says, and what a worker publishes for the others)."""
+    health = dict(service.health())
+    reasons = list(health.get("reasons", ()))
+    lag = metrics.lag.current()
+    if lag > LAG_DEGRADED:
+        reasons.append("reactor lag")
+    health["reactor_lag"] = round(lag, 3)
+    if site is not None:
+        health["connections"] = len(site.channels)
+        health["max_connections"] = site.settings.max_connections
+        if len(site.channels) >= site.settings.max_connections:
+            reasons.append("connections full")
+    health["reasons"] = reasons
+    health["status"] = "degraded" if reasons else "ok"
+    return health
+
+
 class HealthResource(resource.Resource):
     """``GET /healthz``: the service's health plus the HTTP layer's (reactor
-    lag, connections); ``503`` with ``Retry-After`` when degraded."""
+    lag, connections); ``503`` with ``Retry-After`` when degraded.  In a
+    worker of ``--processes N`` it speaks for every worker (degraded when one
+    is missing, stale or degraded; :mod:`imgserver.cluster`)."""
 
     isLeaf = True
 
@@ -825,21 +847,12 @@ class HealthResource(resource.Resource):
     def render_GET(self, request: Any) -> bytes:
         request.endpoint = "healthz"
         service = self.service
-        health = dict(service.health())
-        reasons = list(health.get("reasons", ()))
-        lag = self.metrics.lag.current()
-        if lag > LAG_DEGRADED:
-            reasons.append("reactor lag")
-        health["reactor_lag"] = round(lag, 3)
         site = getattr(request, "site", None)
-        if isinstance(site, ImageSite):
-            health["connections"] = len(site.channels)
-            health["max_connections"] = site.settings.max_connections
-            if len(site.channels) >= site.settings.max_connections:
-                reasons.append("connections full")
-        health["reasons"] = reasons
-        health["status"] = "degraded" if reasons else "ok"
-        if reasons:
+        health = local_health(service, self.metrics, site if isinstance(site, ImageSite) else None)
+        cluster = self.metrics.cluster
+        if cluster is not None:  # --processes N: every worker's health
+            health = cluster.health(health)
+        if health["reasons"]:
             request.setResponseCode(503)
             request.setHeader(b"Retry-After", str(_retry_after(service)).encode("ascii"))
         request.setHeader(b"Content-Type", b"application/json")

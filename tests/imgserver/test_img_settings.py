@@ -83,3 +83,26 @@ def test_help_describes_every_field():
     help_ = Settings.help()
     assert set(help_) == {f.name for f in dataclasses.fields(Settings)}
     assert all(help_.values())
+
+
+@pytest.mark.parametrize("value, servers", [
+    ("127.0.0.1:11211", (("127.0.0.1", 11211),)),
+    (" a.example:1 , [::1]:2", (("a.example", 1), ("::1", 2))),
+    (None, ()),
+])
+def test_memcached_servers_parse(value, servers):
+    assert Settings(memcached=value).memcached_servers == servers
+
+
+@pytest.mark.parametrize("value", ["", "host", "host:", ":11211", "host:0", "host:65536", "host:x", "a b:1",
+                                   "h:1,h:1", "h:1,", "/tmp/sock:1"])
+def test_memcached_servers_refused_with_the_entry_named(value):
+    with pytest.raises(ValueError, match="memcached"):
+        Settings(memcached=value)
+
+
+@pytest.mark.parametrize("field, value", [("result_dir", ""), ("result_dir", "a\0b"), ("result_dir_max_mb", 0),
+                                          ("memcached_timeout", 0), ("memcached_max_item_kb", 0)])
+def test_result_tier_settings_validated(field, value):
+    with pytest.raises(ValueError, match=field):
+        Settings(**{field: value})
