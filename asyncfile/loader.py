@@ -29,7 +29,7 @@ from .handle import FileHandle, HandleState, _AdoptedHandle
 from .interfaces import IFileLoader
 from .limiter import Limiter
 from .reader import BufferSink, ConsumerSink, FileReader, _release
-from .writer import FileConsumer
+from .writer import FileConsumer, WriteState
 
 __all__ = ["FileLoader", "read_file", "default_loader"]
 
@@ -625,6 +625,21 @@ class FileLoader:
         return result
 
     # -- the rest -----------------------------------------------------------------
+    def uses_root(self, root: Root) -> bool:
+        """Whether a handle or a write of this loader opened beneath ``root`` is
+        not closed yet -- including an open or write cancelled while it runs off
+        the reactor thread, which still uses the root's descriptor until it ends.
+        Close a ``Root`` only once this is False (or the loader is closed).  (An
+        ended handle or write tells its caller just before the loader forgets it:
+        its state, not its presence, is what counts.)"""
+        for held in self._handles:
+            if isinstance(held, FileConsumer):
+                if held.state not in (WriteState.DONE, WriteState.FAILED) and held._files.root is root:
+                    return True
+            elif held.state is not HandleState.CLOSED and held.root is root:
+                return True
+        return False
+
     def stats(self) -> dict[str, Any]:
         from .confine import confinement_method
 

@@ -11,7 +11,8 @@ arguments after ``--`` go to every instance.  nginx (``deploy/nginx.conf.templat
 retries a GET/HEAD on the next instance when one is gone or answers 502/503.
 
 ``start`` starts whatever is not running yet and waits until each part answers (memcached ``version``,
-``/healthz`` of each instance and through nginx); a port already taken stops it before anything starts;
+``/healthz`` of each instance and through nginx), a part already running included (it may still be
+starting, or hung: it is left running, but the start fails); a port already taken stops it before anything starts;
 any other failure prints the log's tail, stops what this start started and exits 1.  So ``stop --only a``
 then ``start`` restarts one instance (a rolling restart, one instance at a time).  Ports are chosen free
 (``--port 0`` for nginx too; its default is 8080), or given.  ``STATE/deploy.json`` keeps the
@@ -467,11 +468,14 @@ def start(state: State, args: argparse.Namespace) -> int:
         _check_ports(state, [n for n in state.order() if not (n in state.procs and state.procs[n].alive())])
         # memcached, then every instance at once (each takes a second or two to import), then nginx.
         for tier in (["memcached"], state.instances, ["nginx"]):
-            waiting = []
+            waiting, already = [], []
             for name in tier:
                 proc = state.procs.get(name)
                 if proc is not None and proc.alive():
+                    # Still starting (an earlier start was interrupted) or hung: it must answer too.
                     print(f"{name}: already running (pid {proc.pid})")
+                    waiting.append(proc)
+                    already.append(proc)
                     continue
                 argv, env = _argv(state, name)
                 if name == "nginx":  # check the configuration first: its errors are clearer than a dead child
@@ -486,7 +490,8 @@ def start(state: State, args: argparse.Namespace) -> int:
             deadline = time.monotonic() + START_TIMEOUT
             for proc in waiting:
                 _wait_ready(proc, lambda name=proc.name: _probe(state, name), max(0.0, deadline - time.monotonic()))
-                print(f"{proc.name}: started (pid {proc.pid}) on {HOST}:{state.config['ports'][proc.name]}")
+                if proc not in already:
+                    print(f"{proc.name}: started (pid {proc.pid}) on {HOST}:{state.config['ports'][proc.name]}")
     except (DeployError, subprocess.TimeoutExpired) as e:
         print(f"start failed: {e}", file=sys.stderr)
         if started:

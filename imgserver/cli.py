@@ -28,6 +28,7 @@ import json
 import os
 import signal
 import sys
+import time
 from dataclasses import fields
 from typing import Any, Sequence
 
@@ -221,22 +222,24 @@ class Server:
         if self.cluster is not None:  # a draining worker stops speaking for itself: the others see it go
             await self.cluster.stop()
         self.site.drain()
-        deadline = self.reactor.seconds() + grace
+        # The monotonic clock: the wall clock stepped forward must not cut the grace period short.
+        now = time.monotonic
+        deadline = now() + grace
 
         def busy() -> int:
             return self.service.busy() + len(self.site.requests)
 
-        while busy() and self.reactor.seconds() < deadline:
+        while busy() and now() < deadline:
             await task.deferLater(self.reactor, 0.02, lambda: None)
         if busy():
             log.warn("{n} requests still in flight after {grace} s: stopping anyway", n=busy(), grace=grace)
         self.site.close_connections()
-        while self.site.channels and self.reactor.seconds() < deadline:
+        while self.site.channels and now() < deadline:
             await task.deferLater(self.reactor, 0.02, lambda: None)
         self.site.close_connections(abort=True)
         # What is left of the grace period (at least a moment) for the tiers' background writes; then
         # the service closes its tiers, loader and root: waited for, so the reactor stopping cuts nothing off.
-        await self.service.stop(grace=max(0.1, deadline - self.reactor.seconds()))
+        await self.service.stop(grace=max(0.1, deadline - now()))
 
 
 async def _serve(reactor: Any, args: argparse.Namespace, settings: Settings) -> None:
@@ -287,15 +290,28 @@ async def _serve_worker(reactor: Any, args: argparse.Namespace, settings: Settin
         raise SystemExit(2) from None
     server.start_cluster()
     stopping: list[defer.Deferred[None]] = []
+    orphaned_: list[bool] = []
+
+    def abandon(_: Any) -> Any:
+        # Every worker removes its snapshot as it exits; with the parent gone -- before the drain or
+        # during it (SIGTERM, then SIGKILL before it could clean up) -- the last worker out removes the
+        # run directory too.  A few small file operations, in a thread.
+        if server.cluster is not None:
+            from twisted.internet import threads
+
+            d = threads.deferToThread(server.cluster.abandon if orphaned_ else server.cluster.withdraw)
+            return d.addErrback(lambda f: log.failure("cleaning up the run directory", f))
+        return None
 
     def stop(orphaned: bool = False) -> None:
         """Once, whatever asks (SIGTERM, SIGINT, the parent gone)."""
+        if orphaned:
+            orphaned_.append(True)
         if not stopping:
             log.info("worker {id}: draining{why}", id=os.environ.get("IMGSERVER_WORKER_ID"),
                      why=" (the parent is gone)" if orphaned else "")
             stopping.append(defer.Deferred.fromCoroutine(server.stop(args.grace)))
-            if orphaned and server.cluster is not None:
-                stopping[0].addBoth(lambda _: server.cluster.abandon())
+            stopping[0].addBoth(abandon)
             stopping[0].addBoth(lambda _: reactor.stop())
 
     for number in (signal.SIGTERM, signal.SIGINT):
@@ -325,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv[:1] == ["warm"]:  # ``imgserver warm ...``: fill the result tiers ahead of requests
         from .warm import main as warm
 
-        raise SystemExit(warm(argv[1:]))
+        raise SystemExit(warm(argv[1:], standalone=True))
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)

@@ -2,7 +2,9 @@
 
 Each worker publishes, every :data:`PUBLISH_INTERVAL` seconds,
 ``RUN_DIR/worker-<id>.json`` (written atomically with asyncfile, no fsync:
-a crash leaves the previous snapshot or none): its id, pid, wall time, its
+a crash leaves the previous snapshot or none): its id, pid, wall and monotonic
+time (ages are measured on the monotonic clock: a wall clock stepped back
+cannot make a hung worker look fresh), its
 own health dict (reactor lag included) and its Prometheus exposition text.
 In the same loop it reads the other workers' snapshots and the parent's
 ``parent.json`` (restart counts) off the reactor thread, through a small
@@ -14,15 +16,21 @@ sample labelled ``worker="<id>"``, plus ``imgserver_processes{state=
 "expected|up"}``, ``imgserver_worker_up``, ``imgserver_worker_snapshot_age_seconds``
 and ``imgserver_worker_restarts_total`` (``imgserver_reactor_lag_seconds`` is
 per worker through its label).  ``/healthz`` is ``degraded`` (503) when any
-worker is missing, stale or degraded, with the list of workers.  What another
+worker is missing, stale or degraded, with the list of workers.  A snapshot
+that is not what this module writes (foreign, corrupt, metrics that do not
+parse) counts as missing: it never breaks ``/metrics`` or ``/healthz``.  What another
 worker says is up to about two intervals old (its publishing plus our reading).
+A worker removes its own snapshot as it exits; a removed run directory is
+made again (mode 0700; one someone else made in its place is not used).
 With one process there is no cluster view and nothing changes.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import time
 from typing import Any, Callable, Iterable
 
@@ -30,15 +38,16 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
-__all__ = ["ClusterView", "PUBLISH_INTERVAL", "STALE_AFTER", "from_environment", "merge_expositions"]
+__all__ = ["ClusterView", "PUBLISH_INTERVAL", "STALE_AFTER", "ensure_private_dir", "from_environment",
+           "merge_expositions"]
 
 log = Logger(namespace="imgserver.cluster")
 
 PUBLISH_INTERVAL = 1.0
-#: A snapshot older than this (seconds, by its wall time) is stale: the worker is hung or gone.
+#: A snapshot older than this (seconds, on the monotonic clock) is stale: the worker is hung or gone.
 STALE_AFTER = 3.0
 _MAX_SNAPSHOT = 4 * 1024 * 1024
 
@@ -53,12 +62,18 @@ class _Families:
         return self.families
 
 
-def merge_expositions(texts: Iterable[tuple[str, str]], extra: Iterable[Metric] = ()) -> bytes:
-    """One exposition of many: ``texts`` are ``(worker_id, exposition text)``;
-    every sample gets ``worker="<id>"`` and families of the same name are merged."""
+def _parse(text: str) -> list[Metric] | None:
+    """The families of an exposition text, None if it does not parse."""
+    try:
+        return list(text_string_to_metric_families(text))
+    except Exception:  # the parser raises ValueError, IndexError, ... on malformed text
+        return None
+
+
+def _merge(parsed: Iterable[tuple[str, list[Metric]]], extra: Iterable[Metric] = ()) -> bytes:
     merged: dict[str, Metric] = {}
-    for worker, text in texts:
-        for family in text_string_to_metric_families(text):
+    for worker, families in parsed:
+        for family in families:
             into = merged.get(family.name)
             if into is None:
                 into = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
@@ -71,13 +86,57 @@ def merge_expositions(texts: Iterable[tuple[str, str]], extra: Iterable[Metric] 
     return generate_latest(registry)
 
 
+def merge_expositions(texts: Iterable[tuple[str, str]], extra: Iterable[Metric] = ()) -> bytes:
+    """One exposition of many: ``texts`` are ``(worker_id, exposition text)``;
+    every sample gets ``worker="<id>"`` and families of the same name are merged
+    (a text that does not parse is left out)."""
+    return _merge(((w, _parse(t) or []) for w, t in texts), extra)
+
+
+def ensure_private_dir(path: str) -> bool:
+    """``path`` is (made, if missing) a directory of this user that nobody else may use: True if so.
+
+    Blocking (two system calls): the run directory removed underneath (a /tmp cleaner, an operator) is
+    made again, mode 0700; one that someone else made in its place (a symlink, another owner, open
+    to others) is refused: nothing is written into it."""
+    try:
+        os.mkdir(path, 0o700)
+        return True
+    except FileExistsError:
+        pass
+    except OSError as e:
+        log.warn("cannot make the run directory {path}: {e}", path=path, e=e)
+        return False
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+
+def _checked(snapshot: dict[str, Any]) -> dict[str, Any] | None:
+    """Another worker's snapshot if it has the shape this module writes, else None (counted as
+    missing): one corrupt or foreign file must not break ``/metrics`` or ``/healthz`` of every worker."""
+    health: Any = snapshot.get("health")
+    ok = (isinstance(snapshot.get("time"), (int, float)) and not isinstance(snapshot.get("time"), bool)
+          and isinstance(snapshot.get("mono", 0.0), (int, float))
+          and isinstance(health, dict) and isinstance(health.get("reasons", []), list)
+          and isinstance(health.get("status", "ok"), str)
+          and isinstance(snapshot.get("metrics"), str))
+    if not ok:
+        log.warn("cluster view: ignoring a malformed snapshot of worker {id}", id=snapshot.get("id"))
+        return None
+    health["reasons"] = [str(r) for r in health.get("reasons", [])]
+    return snapshot
+
+
 class ClusterView:
     """This worker's snapshots out, the other workers' in; see the module doc."""
 
     def __init__(self, reactor: Any, run_dir: str, worker_id: int, workers: int, *,
                  render: Callable[[], bytes], health: Callable[[], dict[str, Any]],
                  interval: float = PUBLISH_INTERVAL, stale_after: float = STALE_AFTER,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, clock: Callable[[], float] = time.monotonic) -> None:
         from asyncfile import FileLoader
 
         self.reactor = reactor
@@ -89,6 +148,9 @@ class ClusterView:
         self.interval = interval
         self.stale_after = stale_after
         self.wall = wall
+        #: Ages are measured on the monotonic clock (system-wide on Linux, the same in every worker), so
+        #: the wall clock jumping back cannot make a hung worker's last snapshot look fresh.
+        self.clock = clock
         # Its own small loader: the service's file counters stay about images.
         self.loader = FileLoader(reactor, max_open=8, max_waiting=64, io_threads=2)
         self.snapshots: dict[int, dict[str, Any]] = {}
@@ -117,16 +179,33 @@ class ClusterView:
             self._tick_d.cancel()
         await self.loader.close()
 
+    def withdraw(self) -> None:
+        """Remove this worker's snapshot as it exits (blocking: run it in a thread), unless it is not
+        ours any more (the replacement of a rolling restart publishes under the same name).  A worker
+        that exited leaves nothing behind, so the last orphaned worker can remove the run directory
+        even when the others exited before the parent was killed."""
+        path = self.path(self.worker_id)
+        try:
+            with open(path, "rb") as f:
+                mine = json.loads(f.read(_MAX_SNAPSHOT)).get("pid") == os.getpid()
+        except (OSError, ValueError, AttributeError):
+            return
+        if mine:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
     def abandon(self) -> None:
         """The parent is gone (killed: it could not clean up): remove this
         worker's snapshot and the parent's state, and the run directory once
-        empty (the last worker out succeeds).  Called as the worker exits;
-        a few unlinks in a private directory."""
-        for name in (f"worker-{self.worker_id}.json", "parent.json"):
-            try:
-                os.unlink(os.path.join(self.run_dir, name))
-            except OSError:
-                pass
+        empty (the last worker out succeeds).  Called as the worker exits
+        (blocking: run it in a thread); a few unlinks in a private directory."""
+        self.withdraw()
+        try:
+            os.unlink(os.path.join(self.run_dir, "parent.json"))
+        except OSError:
+            pass
         try:
             os.rmdir(self.run_dir)
         except OSError:
@@ -143,7 +222,8 @@ class ClusterView:
             log.failure("cluster view: could not exchange snapshots", failure)
 
     async def _exchange(self) -> None:
-        own = {"id": self.worker_id, "pid": os.getpid(), "time": self.wall(), "health": self.health_own(),
+        own = {"id": self.worker_id, "pid": os.getpid(), "time": self.wall(), "mono": self.clock(),
+               "health": self.health_own(),
                "metrics": self.render_own().decode("utf-8")}
         try:
             await self.loader.write(self.path(self.worker_id), json.dumps(own).encode(), atomic=True,
@@ -152,22 +232,36 @@ class ClusterView:
         except OSError as e:
             self.errors += 1
             log.warn("cluster view: could not publish {path}: {e}", path=self.path(self.worker_id), e=e)
+            if e.errno == errno.ENOENT:  # the run directory was removed underneath: make it again
+                if not await threads.deferToThread(ensure_private_dir, self.run_dir):
+                    log.error("cluster view: {dir} is not a private directory of this user: not publishing "
+                              "there any more", dir=self.run_dir)
+                    loop, self._loop = self._loop, None
+                    if loop is not None and loop.running:
+                        loop.stop()
+                    return
         for other in range(self.workers):
             if other != self.worker_id:
-                snapshot = await self._read(self.path(other))
+                snapshot = await self._read(self.path(other), snapshot=True)
                 if snapshot is None:
                     self.snapshots.pop(other, None)
                 else:
                     self.snapshots[other] = snapshot
-        self.parent = await self._read(os.path.join(self.run_dir, "parent.json")) or {}
+        parent = await self._read(os.path.join(self.run_dir, "parent.json")) or {}
+        restarts = parent.get("restarts")
+        if not (isinstance(restarts, dict) and all(isinstance(n, (int, float)) for n in restarts.values())):
+            parent.pop("restarts", None)
+        self.parent = parent
 
-    async def _read(self, path: str) -> dict[str, Any] | None:
+    async def _read(self, path: str, snapshot: bool = False) -> dict[str, Any] | None:
         try:
             data = await self.loader.load(path, 0, _MAX_SNAPSHOT)
             value = json.loads(data)
         except (OSError, ValueError):
             return None  # missing (not written yet, or the worker died) or unreadable: no snapshot
-        return value if isinstance(value, dict) else None
+        if not isinstance(value, dict):
+            return None
+        return _checked(value) if snapshot else value
 
     # -- the views --------------------------------------------------------------
 
@@ -182,7 +276,11 @@ class ClusterView:
             if snapshot is None:
                 out[other] = ("missing", None, None)
                 continue
-            age = max(0.0, now - float(snapshot.get("time", 0)))
+            mono = snapshot.get("mono")
+            if isinstance(mono, (int, float)):
+                age = max(0.0, self.clock() - mono)
+            else:  # pragma: no cover - a snapshot of an older worker: its wall time
+                age = max(0.0, now - snapshot["time"])
             if age > self.stale_after:
                 out[other] = ("stale", None, age)
             else:
@@ -217,18 +315,19 @@ class ClusterView:
     def render(self, own: bytes) -> bytes:
         """The exposition for every worker: ``own`` (this worker's, live) plus the others' fresh ones."""
         others = self._others()
-        texts = [(str(self.worker_id), own.decode("utf-8"))]
+        texts = [(str(self.worker_id), _parse(own.decode("utf-8")) or [])]
         up = Metric("imgserver_worker_up", "1 while the worker's snapshot is fresh", "gauge")
         age = Metric("imgserver_worker_snapshot_age_seconds", "Age of the worker's last snapshot", "gauge")
         up.add_sample("imgserver_worker_up", {"worker": str(self.worker_id)}, 1.0)
         age.add_sample("imgserver_worker_snapshot_age_seconds", {"worker": str(self.worker_id)}, 0.0)
         for other, (status, snapshot, seconds) in sorted(others.items()):
-            fresh = snapshot is not None
+            families = _parse(snapshot["metrics"]) if snapshot is not None else None
+            fresh = families is not None  # a snapshot whose metrics do not parse counts as not up
             up.add_sample("imgserver_worker_up", {"worker": str(other)}, 1.0 if fresh else 0.0)
             if seconds is not None:
                 age.add_sample("imgserver_worker_snapshot_age_seconds", {"worker": str(other)}, seconds)
             if fresh:
-                texts.append((str(other), str(snapshot.get("metrics", ""))))  # type: ignore[union-attr]
+                texts.append((str(other), families))  # type: ignore[arg-type]
         processes = Metric("imgserver_processes", "Worker processes: expected, and up (fresh snapshot)", "gauge")
         processes.add_sample("imgserver_processes", {"state": "expected"}, float(self.workers))
         processes.add_sample("imgserver_processes", {"state": "up"}, float(len(texts)))
@@ -239,7 +338,7 @@ class ClusterView:
             for worker, n in sorted(restarts.items()):
                 counter.add_sample("imgserver_worker_restarts_total", {"worker": str(worker)}, float(n))
             extra.append(counter)
-        return merge_expositions(texts, extra)
+        return _merge(texts, extra)
 
 
 def from_environment(reactor: Any, *, render: Callable[[], bytes],

@@ -153,6 +153,9 @@ class _Protocol(MemCacheProtocol):
         super().lineReceived(line)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # MemCacheProtocol leaves its no-answer timer armed: it would fire into
+        # this dead connection up to ``persistentTimeOut`` later.
+        self.setTimeout(None)
         super().connectionLost(reason)
         self.server.lost_connection(self, reason)
         self.lost.callback(None)
@@ -360,7 +363,11 @@ class MemcachedTier:
         if len(result.body) > self.max_value_bytes:  # cheap check before encoding
             self._count("too_large", "declined")
             return defer.succeed(False)
-        value = record.encode(key.shared_digest(), result)
+        try:
+            value = record.encode(key.shared_digest(), result)
+        except Exception:  # noqa: BLE001 - a result its record cannot hold: declined, never raised
+            self._count("errors", "declined")
+            return defer.succeed(False)
         if len(value) > self.max_value_bytes:
             self._count("too_large", "declined")
             return defer.succeed(False)

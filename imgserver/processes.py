@@ -19,7 +19,8 @@ binds the listening sockets once and starts N workers (``python -m imgserver
 The parent has no ImageService and answers nothing itself.  It restarts a
 worker that dies (back-off 0.1 s doubling to 30 s, reset once a worker lived
 30 s; it gives up, exiting 1, when one worker cannot start
-:data:`MAX_START_FAILURES` times in a row), forwards SIGTERM/SIGINT (every
+:data:`MAX_START_FAILURES` times in a row -- a worker that cannot even be
+spawned, fork or exec failing, counts as one that could not start), forwards SIGTERM/SIGINT (every
 worker drains as ``Server.stop(grace)``; exit 0 once all exited within
 ``--grace`` + :data:`EXIT_MARGIN`, stragglers are killed and the exit status
 is 1) and restarts the workers one at a time on SIGHUP (each replacement is
@@ -30,8 +31,10 @@ Workers get ``IMGSERVER_WORKER_ID`` (0..N-1), ``IMGSERVER_WORKERS`` (N) and
 where they publish their snapshots (:mod:`imgserver.cluster`) and the parent
 writes ``parent.json`` (restart counts, worker pids).  Each worker's stdin is
 a pipe from the parent: when it closes (the parent is gone, even killed with
-SIGKILL) the worker drains and exits rather than serve orphaned.  The worker
-says it is ready on its descriptor 3.
+SIGKILL, during a drain too) the worker drains and exits rather than serve
+orphaned, and the last worker out removes the run directory.  The worker
+says it is ready on its descriptor 3.  Kill deadlines and the ready timeout
+also wait on the monotonic clock (Twisted's timers follow the wall clock).
 """
 
 from __future__ import annotations
@@ -162,6 +165,36 @@ def adopt_listener(reactor: Any, fd: int, info: dict[str, Any], factory: Any) ->
     return port
 
 
+class _Timer:
+    """``reactor.callLater(seconds, f, *args)`` that also waits for ``seconds`` on the monotonic clock.
+
+    Twisted's timers follow the wall clock: stepped forward (NTP, a resumed VM), every kill deadline
+    and ready timeout would fire at once and kill workers in the middle of a drain or of their start.
+    When the wall clock says it is time but the monotonic one does not, the timer waits the rest."""
+
+    def __init__(self, reactor: Any, seconds: float, f: Callable[..., Any], *args: Any,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.reactor, self.f, self.args, self.clock = reactor, f, args, clock
+        self.due = clock() + seconds
+        self.fired = False
+        self.call = reactor.callLater(seconds, self._check)
+
+    def _check(self) -> None:
+        left = self.due - self.clock()
+        if left > 0:
+            self.call = self.reactor.callLater(left, self._check)
+        else:
+            self.fired = True
+            self.f(*self.args)
+
+    def active(self) -> bool:
+        return bool(self.call.active())
+
+    def cancel(self) -> None:
+        if self.call.active():
+            self.call.cancel()
+
+
 def worker_environment(worker_id: int, workers: int, run_dir: str) -> dict[str, str]:
     return {"IMGSERVER_WORKER_ID": str(worker_id), "IMGSERVER_WORKERS": str(workers),
             "IMGSERVER_RUN_DIR": run_dir}
@@ -243,7 +276,9 @@ class Supervisor:
 
     # -- starting ---------------------------------------------------------------
 
-    def _spawn(self, slot: _Slot) -> _Worker:
+    def _spawn(self, slot: _Slot) -> _Worker | None:
+        """Start a worker in ``slot``; None if it could not even be spawned (fork or exec failed:
+        counted as a failed start and retried with the slot's back-off, like a worker that died)."""
         sockets = {}
         child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, _READY_FD: "r"}
         for n, listener in enumerate(self.listeners):
@@ -256,16 +291,25 @@ class Supervisor:
         env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
         args = [self.executable, "-m", "imgserver", *self.argv, "--worker-sockets", json.dumps(sockets)]
         worker = _Worker(slot, self.reactor.seconds())
-        worker.transport = self.reactor.spawnProcess(_WorkerProtocol(worker), self.executable, args, env=env,
-                                                     childFDs=child_fds)
+        try:
+            worker.transport = self.reactor.spawnProcess(_WorkerProtocol(worker), self.executable, args, env=env,
+                                                         childFDs=child_fds)
+        except Exception as e:  # OSError (EAGAIN, EMFILE, ENOMEM, ...) from fork or the pipes
+            self._start_failed(slot, None, None, None, f"could not be spawned: {e}")
+            return None
         worker.pid = worker.transport.pid
         slot.worker = worker
         self.live.append(worker)
         worker.ready.addCallback(lambda ok: (self._ready(worker) if ok else None, ok)[1])
         log.info("worker {id} started (pid {pid})", id=slot.id, pid=worker.pid)
         self._write_state()
-        timeout = self.reactor.callLater(READY_TIMEOUT, self._not_ready, worker)
-        worker.ready.addBoth(lambda r: (timeout.cancel() if timeout.active() else None, r)[1])
+        timeout = _Timer(self.reactor, READY_TIMEOUT, self._not_ready, worker)
+
+        def no_timeout(result: Any) -> Any:
+            timeout.cancel()
+            return result
+
+        worker.ready.addBoth(no_timeout)
         return worker
 
     def _ready(self, worker: _Worker) -> None:
@@ -312,14 +356,25 @@ class Supervisor:
             slot.failures += 1
         if lived >= BACKOFF_RESET_AFTER:
             slot.backoff = BACKOFF_FIRST
+        self._schedule_restart(slot, worker.pid, code, signal_,
+                               f"died (status {code}, signal {signal_}) after {lived:.1f} s")
+
+    def _start_failed(self, slot: _Slot, pid: int | None, code: int | None, signal_: int | None,
+                      why: str) -> None:
+        slot.failures += 1
+        self._schedule_restart(slot, pid, code, signal_, why)
+
+    def _schedule_restart(self, slot: _Slot, pid: int | None, code: int | None, signal_: int | None,
+                          why: str) -> None:
         if slot.failures >= MAX_START_FAILURES:
             self._give_up(f"worker {slot.id} could not start {slot.failures} times in a row (last status "
-                          f"{code}, signal {signal_})")
+                          f"{code}, signal {signal_}; {why})")
             return
+        if slot.pending is not None and slot.pending.active():
+            slot.pending.cancel()
         delay, slot.backoff = slot.backoff, min(slot.backoff * 2, BACKOFF_MAX)
-        log.warn("worker {id} (pid {pid}) died (status {code}, signal {sig}) after {lived:.1f} s: "
-                 "restarting in {delay:.1f} s", id=slot.id, pid=worker.pid, code=code, sig=signal_,
-                 lived=lived, delay=delay)
+        log.warn("worker {id} (pid {pid}) {why}: restarting in {delay:.1f} s", id=slot.id, pid=pid, why=why,
+                 delay=delay)
         slot.pending = self.reactor.callLater(delay, self._restart, slot)
         self._write_state()
 
@@ -340,14 +395,14 @@ class Supervisor:
         """Replace every worker, one at a time: start the new one, once it is
         ready drain the old one.  A second SIGHUP while one runs is ignored."""
         if self._rolling is None and not self.stopping:
-            self._rolling = defer.Deferred.fromCoroutine(self._roll())
-            self._rolling.addErrback(lambda f: log.failure("rolling restart failed", f))
+            rolling = self._rolling = defer.Deferred.fromCoroutine(self._roll())
+            rolling.addErrback(lambda f: log.failure("rolling restart failed", f))
 
             def done(_: Any) -> None:
                 self._rolling = None
 
-            self._rolling.addBoth(done)
-            return self._rolling
+            rolling.addBoth(done)
+            return rolling  # (it may have finished already: self._rolling is None again then)
         return defer.succeed(None)
 
     async def _roll(self) -> None:
@@ -360,8 +415,11 @@ class Supervisor:
                 slot.pending.cancel()
                 slot.pending = None
             new = self._spawn(slot)
-            await new.ready
-            if not new.became_ready:
+            if new is not None:
+                await new.ready
+            if self.stopping:  # stop() drains every process, this replacement included
+                return
+            if new is None or not new.became_ready:
                 log.error("worker {id}: its replacement did not start; keeping the old one", id=slot.id)
                 if old is not None and not old.gone:
                     if slot.pending is not None:
@@ -379,7 +437,7 @@ class Supervisor:
         if worker.ended.called:
             return True
         worker.signal("TERM")
-        timer = self.reactor.callLater(self.grace + EXIT_MARGIN, worker.signal, "KILL")
+        timer = _Timer(self.reactor, self.grace + EXIT_MARGIN, worker.signal, "KILL")
         await worker.ended
         in_time = timer.active()
         if in_time:
@@ -413,13 +471,22 @@ class Supervisor:
 
     def _write_state(self) -> None:
         """``RUN_DIR/parent.json`` (tiny, in the parent's private directory: written in place, atomically)."""
+        from .cluster import ensure_private_dir
+
         path = os.path.join(self.run_dir, "parent.json")
-        try:
-            with open(path + ".tmp", "w") as f:
-                json.dump(self.stats(), f)
-            os.replace(path + ".tmp", path)
-        except OSError as e:  # pragma: no cover - the run dir was removed under us
-            log.warn("could not write {path}: {e}", path=path, e=e)
+        for attempt in (1, 2):
+            try:
+                with open(path + ".tmp", "w") as f:
+                    json.dump(self.stats(), f)
+                os.replace(path + ".tmp", path)
+                return
+            except FileNotFoundError:  # the run dir was removed under us: make it again (private)
+                if attempt == 2 or not ensure_private_dir(self.run_dir):
+                    log.warn("could not write {path}: its directory is gone or not private", path=path)
+                    return
+            except OSError as e:  # pragma: no cover - a full disk
+                log.warn("could not write {path}: {e}", path=path, e=e)
+                return
 
     def _forget_snapshot(self, worker_id: int) -> None:
         """A dead worker's snapshot is gone at once (not only stale after a few seconds)."""

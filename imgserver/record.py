@@ -62,16 +62,22 @@ class ResultKey:
     def local_digest(self) -> bytes:
         """16 bytes naming the result on this machine (the result store's key):
         the source's identity (dev, inode, size, mtime) and the transform."""
-        text = f"local|{RECORD_VERSION}|{self.dev}|{self.inode}|{self.size}|{self.mtime_ns}|{self.variant}"
-        return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=_DIGEST).digest()
+        return _digest(["local", RECORD_VERSION, self.dev, self.inode, self.size, self.mtime_ns, self.variant])
 
     def shared_digest(self) -> bytes:
         """16 bytes naming the result across machines (memcached's key): device
         and inode differ between machines holding copies of the same files, so
         this uses the relative path, size and mtime (which ``rsync -a``,
         ``cp -p`` and image volumes keep) with the transform."""
-        text = f"shared|{RECORD_VERSION}|{self.path}|{self.size}|{self.mtime_ns}|{self.variant}"
-        return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=_DIGEST).digest()
+        return _digest(["shared", RECORD_VERSION, self.path, self.size, self.mtime_ns, self.variant])
+
+
+def _digest(fields: list[object]) -> bytes:
+    """16 bytes naming ``fields``: JSON (ASCII, every string quoted and escaped) so
+    that no field can run into the next (a path holding ``|``), and any ``str``
+    (a lone surrogate of an undecodable file name) can be named."""
+    text = json.dumps(fields, ensure_ascii=True, separators=(",", ":"))
+    return hashlib.blake2b(text.encode("ascii"), digest_size=_DIGEST).digest()
 
 
 def checksum(body: bytes | memoryview) -> bytes:

@@ -1001,7 +1001,7 @@ class ImageService:
         for index, tier in enumerate(self.tiers):
             if not self._tier_ready[index]:
                 continue  # starting, or failed to start
-            found = await self._tier_get(index, tier, key)
+            found = await self._tier_get(index, tier, key, flight)
             if found is not None:
                 self.tier_hits[self.tier_names[index]] += 1
                 if missed:
@@ -1012,7 +1012,7 @@ class ImageService:
                 raise defer.CancelledError("no caller is left")
         return None
 
-    async def _tier_get(self, index: int, tier: Any, key: ResultKey) -> processing.Result | None:
+    async def _tier_get(self, index: int, tier: Any, key: ResultKey, flight: _Flight) -> processing.Result | None:
         try:
             d = defer.maybeDeferred(tier.get, key)
         except Exception:
@@ -1021,7 +1021,11 @@ class ImageService:
         try:
             found = await d
         except defer.CancelledError:
-            raise  # the caller left: so do we
+            if not flight.waiters:
+                raise  # the caller left (that is what cancels the work): so do we
+            # Callers still wait: the tier cancelled something of its own, a failure of the tier.
+            self._tier_failed(Failure(), index, "get")
+            return None
         except Exception:
             self._tier_failed(Failure(), index, "get")
             return None

@@ -74,7 +74,9 @@ LOCK_PATIENCE = 2.0
 EVICT_RETRY = 0.5
 #: Temporary files of interrupted writes (a killed process) older than this are removed by scans.
 STALE_TEMP = 3600.0
-#: After a write failed because the store is read-only (EROFS, EACCES, EPERM), puts are declined this long.
+#: After a write failed because the store is read-only (EROFS, EACCES, EPERM), puts are declined this
+#: long; after a refresh failed so (a read-only store, or entries another user wrote: moving their mtime
+#: needs ownership), hits refresh nothing this long.
 WRITE_BACKOFF = 30.0
 #: Records with bodies at least this large are encoded and checked in the store's threads.
 _HASH_OFF_THREAD = 256 * 1024
@@ -325,6 +327,7 @@ class ResultStore:
         self._dirty = False  # written since the last scan
         self._written_since_scan = 0
         self._writes_off_until = float("-inf")
+        self._refresh_off_until = float("-inf")
         self._logged_at = float("-inf")
         self.available = False
         self.hits = 0
@@ -365,7 +368,9 @@ class ResultStore:
             if e.errno != errno.EEXIST:
                 self.log.info("result store {dir}: cannot create {layout}: {e}", dir=self.directory,
                               layout=LAYOUT, e=e)
-        root = await self.loader.open_root(self.directory)
+        # No symlinks beneath it: the store makes none, and a link in place of an
+        # entry (even to another entry) is then refused at the open and removed.
+        root = await self.loader.open_root(self.directory, no_symlinks=True)
         if self._closing is not None:
             root.close()
             return
@@ -452,11 +457,11 @@ class ResultStore:
         return done
 
     async def _loader_released(self, root: Any, limit: float) -> None:
-        deadline = self._clock() + limit
-        while self._clock() < deadline:
-            holders = getattr(self.loader, "_handles", ())
-            if not any(getattr(h, "root", None) is root or getattr(getattr(h, "_files", None), "root", None) is root
-                       for h in list(holders)):
+        # Monotonic time: the store's clock may be a test's frozen one.
+        uses_root = getattr(self.loader, "uses_root", None)  # (a loader without it: nothing to wait for)
+        deadline = time.monotonic() + limit
+        while uses_root is not None and time.monotonic() < deadline:
+            if not uses_root(root):
                 return
             d: defer.Deferred[None] = defer.Deferred()
             self.reactor.callLater(0.01, d.callback, None)
@@ -690,11 +695,21 @@ class ResultStore:
 
     def _refresh(self, digest: bytes, rel: str) -> None:
         """Move a hit's entry to the young end of the eviction order."""
-        if digest in self._refreshing or self._closing is not None or self._root is None:
+        if (digest in self._refreshing or self._closing is not None or self._root is None
+                or self._clock() < max(self._writes_off_until, self._refresh_off_until)):  # cannot be kept
             return
         self._refreshing.add(digest)
         d = self._in_thread(_refresh, self._root, rel, int(self._clock() * 1e9))
-        d.addErrback(lambda f: None if f.check(FileNotFoundError) else f)  # evicted meanwhile
+
+        def failed(f: Failure) -> Failure | None:
+            if f.check(FileNotFoundError):  # evicted meanwhile
+                return None
+            if f.check(OSError) and f.value.errno in _READ_ONLY_ERRNOS:  # read-only, or not ours: expected
+                self._refresh_off_until = self._clock() + WRITE_BACKOFF
+                return None
+            return f
+
+        d.addErrback(failed)
         d.addBoth(lambda r: (self._refreshing.discard(digest), r)[1])
         self._background_task(d, "refresh")
 

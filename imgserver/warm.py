@@ -33,6 +33,7 @@ import argparse
 import os
 import stat
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field, fields, replace
@@ -144,13 +145,14 @@ class Walk:
     files: list[str] = field(default_factory=list)
     ignored: int = 0
     unreadable: list[tuple[str, str]] = field(default_factory=list)
+    cancelled: bool = False  # stopped early (the run was interrupted): ``files`` is partial
 
 
 _DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 _PATH_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
 
 
-def walk(root: str) -> Walk:
+def walk(root: str, cancelled: threading.Event | None = None) -> Walk:
     """Every regular file beneath ``root`` the server would open by its name.
 
     Blocking: run it in a thread.  Directories are opened beneath the root
@@ -158,7 +160,8 @@ def walk(root: str) -> Walk:
     and names the server's path policy refuses are left out; a symlink is
     kept only if it leads to a file beneath the root (symlinked directories
     are not followed: no loops, no duplicates).  Sorted, so runs (and their
-    progress) are repeatable.
+    progress) are repeatable.  ``cancelled`` set stops it at the next
+    directory (an interrupted run does not wait for a whole tree).
     """
     from asyncfile import confine
 
@@ -167,6 +170,9 @@ def walk(root: str) -> Walk:
     try:
         pending = [""]
         while pending:
+            if cancelled is not None and cancelled.is_set():
+                found.cancelled = True
+                break
             rel_dir = pending.pop()
             try:
                 fd = confine.open_beneath(root_fd, rel_dir or ".", _DIRECTORY_FLAGS)
@@ -351,6 +357,8 @@ class _Warmer:
         self.store = store
         self.memcached = memcached
         self.service = service
+        #: Set when the run is interrupted: what is not done is left for the next run, not failed.
+        self.stopped = False
 
     async def image(self, rel: str) -> None:
         """Warm every spec of one file (failures are counted, never raised)."""
@@ -377,9 +385,17 @@ class _Warmer:
                 summary.fail(rel, _reason(e), units)
                 return
             for spec in self.specs:
+                if self.stopped:
+                    return
                 await self._one(located, spec)
         finally:
             located.close()
+
+    def _fail(self, rel: str, reason: str) -> None:
+        """A failure -- unless the run is being interrupted: then the service refusing (it is stopping)
+        or a write cut short is not one; the next run does that unit."""
+        if not self.stopped:
+            self.summary.fail(rel, reason)
 
     async def _one(self, located: Any, spec: TransformSpec) -> None:
         summary = self.summary
@@ -394,12 +410,12 @@ class _Warmer:
                 if await self.store.put(key, result):
                     summary.from_memcached += 1
                 else:
-                    summary.fail(rel, "the result store declined it (full, read-only or too slow)")
+                    self._fail(rel, "the result store declined it (full, read-only or too slow)")
                 return
         try:
             result = await self.service.transform_located(located, spec)
         except ImageServerError as e:
-            summary.fail(rel, _reason(e))
+            self._fail(rel, _reason(e))
             return
         # The result must be of the version it is stored under: a file
         # replaced or rewritten while it was processed is not stored (the
@@ -407,11 +423,11 @@ class _Warmer:
         try:
             now = await self.service.open_image(rel, sniff=False)
         except ImageServerError:
-            summary.fail(rel, "changed while it was processed (run again)")
+            self._fail(rel, "changed while it was processed (run again)")
             return
         now.close()
         if now.version != located.version:
-            summary.fail(rel, "changed while it was processed (run again)")
+            self._fail(rel, "changed while it was processed (run again)")
             return
         puts = [self.store.put(key, result)]
         if self.memcached is not None:
@@ -420,7 +436,7 @@ class _Warmer:
         if outcomes[0]:
             summary.processed += 1
         else:
-            summary.fail(rel, "the result store declined it (full, read-only or too slow)")
+            self._fail(rel, "the result store declined it (full, read-only or too slow)")
         if len(outcomes) > 1:
             if outcomes[1]:
                 summary.memcached_stored += 1
@@ -479,11 +495,16 @@ async def warm(reactor: Any, settings: Settings, jobs: Sequence[Job], *, progres
     shown = Progress(reactor, summary, progress, out)
     running: set[defer.Deferred[None]] = set()
     stopped = False
+    walk_cancelled = threading.Event()
+    warmer: _Warmer | None = None
 
     def stop(_: Any = None) -> None:
         nonlocal stopped
         if not stopped:
             stopped = True
+            walk_cancelled.set()
+            if warmer is not None:
+                warmer.stopped = True
             summary.interrupted = True
             for d in list(running):
                 d.cancel()
@@ -495,11 +516,16 @@ async def warm(reactor: Any, settings: Settings, jobs: Sequence[Job], *, progres
         await store.start()
         if store.stats().get("available") is False:  # the store logged why
             raise ResultDirUnusable(f"the result directory {settings.result_dir} cannot be used (see the log)")
-        found = await threads.deferToThread(walk, settings.image_root)
+        # Interrupted while they started: no walk (a large tree takes long to list; the walk's thread
+        # would hold the reactor's shutdown until it is done).
+        found = Walk() if stopped else await threads.deferToThread(walk, settings.image_root, walk_cancelled)
+        if found.cancelled:
+            found = Walk()
         for where, reason in found.unreadable:
             summary.fail(where, reason)  # one failure per directory: its images were not warmed
         summary.not_images += found.ignored
         warmer = _Warmer(reactor, settings, jobs, summary, store, memcached, service)
+        warmer.stopped = stopped
         summary.units = len(found.files) * len(warmer.specs) + len(found.unreadable)
         shown.start()
         slots = defer.DeferredSemaphore(settings.workers + queue_room)
@@ -571,8 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``imgserver warm ARGS``: the exit status (0 all warmed, 1 failures, 2 bad arguments)."""
+def main(argv: Sequence[str] | None = None, *, standalone: bool = False) -> int:
+    """``imgserver warm ARGS``: the exit status (0 all warmed, 1 failures, 2 bad arguments).
+
+    ``standalone``: this process exits with the status (the command): once the run is over, more
+    SIGINT/SIGTERM (an impatient Ctrl-C) are ignored while the summary is printed."""
     parser = build_parser()
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -629,9 +658,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         wait()
         return finished
 
+    def interrupt() -> None:
+        if not interrupted.called:
+            interrupted.callback(None)  # run() ends (cancelling, closing) and stops the reactor
+
+    def install_handlers() -> None:
+        # SIGINT/SIGTERM interrupt the run once; more of them (an impatient Ctrl-C) change nothing --
+        # Twisted's own handlers would try to stop the stopping reactor again (a traceback).
+        import signal
+
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, lambda n, f: reactor.callFromThread(interrupt))
+
     reactor.addSystemEventTrigger("before", "shutdown", on_shutdown)
+    reactor.callWhenRunning(install_handlers)
     reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(run()))
-    reactor.run()
+    reactor.run()  # (it restored the handlers it found: a second Ctrl-C now would kill the summary)
+    if standalone:
+        import signal
+
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, signal.SIG_IGN)
     if not outcome:
         return 1
     result = outcome[0]

@@ -751,11 +751,11 @@ class ImagesResource(_AsyncResource):
 
     async def _transformed(self, request: Any, located: Any, spec: Any) -> None:
         # Weak: the bytes depend on Pillow's and the codecs' versions, while
-        # the tag only names the source version and the canonical transform --
-        # by path, size and mtime (as memcached's key), not device and inode:
-        # instances on other machines with copies of the files give the same
-        # tag, so a CDN revalidating against any of them gets a 304.
-        etag = f'W/"{located.result_key(spec).shared_digest().hex()}"'
+        # the tag only names the source version and the canonical transform.
+        # The version includes device and inode: a file replaced by another of
+        # the same size and mtime (``cp -p``) must not be answered 304 -- so
+        # instances on other machines give other tags for the same transform.
+        etag = f'W/"{located.result_key(spec).local_digest().hex()}"'
         mtime = located.mtime
         outcome = conditional.evaluate(request.method, etag, mtime, self._conditional_headers(request))
         if outcome is conditional.PRECONDITION_FAILED:

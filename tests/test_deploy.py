@@ -451,3 +451,37 @@ async def test_stopping_an_instance_under_load_loses_no_request(deployment: Depl
     assert processed(a_after) == processed(a_before)
     assert tier_hits(a_after, "store") == (tier_hits(a_before, "store") or 0) + 1
     await a_client.close()
+
+
+def test_start_waits_for_a_part_already_running_to_answer(tmp_path: Path, monkeypatch: Any, capsys: Any) -> None:
+    """A part recorded as running (same pid and start time) that does not answer -- still starting after an
+    interrupted start, or hung -- is waited for like a part just started: ``start`` does not report a
+    deployment ready that is not, and does not stop what it did not start."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deploy_run_under_test", RUN)
+    assert spec is not None and spec.loader is not None
+    run = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, run)  # its dataclasses look their module up
+    spec.loader.exec_module(run)
+    monkeypatch.setattr(run, "START_TIMEOUT", 0.5)
+    ports = run._free_ports(4)
+    silent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        state = tmp_path / "state"
+        state.mkdir()
+        config = {"root": None, "instances": ["a", "b"],
+                  "ports": {"nginx": ports[0], "memcached": ports[1], "a": ports[2], "b": ports[3]},
+                  "python": sys.executable, "nginx_bin": NGINX, "memcached_bin": MEMCACHED, "memcached_mb": 64,
+                  "nginx_workers": 1, "processes_option": True, "imgserver_args": []}
+        memcached = {"pid": silent.pid, "start_time": run._proc_start_time(silent.pid), "argv": ["memcached"],
+                     "log": str(tmp_path / "memcached.log")}
+        (state / "deploy.json").write_text(json.dumps({"config": config, "procs": {"memcached": memcached}}))
+        assert run.main(["start", "--state-dir", str(state)]) == 1
+        err = capsys.readouterr().err
+        assert "memcached did not answer" in err, err
+        assert silent.poll() is None  # not this start's to stop
+        assert set(json.loads((state / "deploy.json").read_text())["procs"]) == {"memcached"}
+    finally:
+        silent.kill()
+        silent.wait(10)

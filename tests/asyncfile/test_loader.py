@@ -385,3 +385,27 @@ async def test_reader_cancelled_before_start_gives_back_its_place(make_loader, t
     with pytest.raises(FileNotFoundError):
         await loader.reader(tmp_path / "missing")
     assert loader.stats()["active"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_uses_root_tells_when_a_root_can_be_closed(loader, tmp_path):
+    """``uses_root``: a handle or a write beneath a root keeps it in use until
+    closed or finished (the result store closes its root only then)."""
+    (tmp_path / "f").write_bytes(b"data")
+    root = await loader.open_root(str(tmp_path))
+    other = await loader.open_root(str(tmp_path))
+    try:
+        assert not loader.uses_root(root)
+        handle = await loader.open("f", root=root)
+        assert loader.uses_root(root) and not loader.uses_root(other)
+        await handle.close()  # (closing may take a thread hop: in use until it ends)
+        assert not loader.uses_root(root)
+        consumer = loader.file_consumer("g", root=root, fsync=False)
+        consumer.write(b"new")
+        assert loader.uses_root(root)
+        assert await consumer.finish() == 3
+        assert not loader.uses_root(root)
+        assert (tmp_path / "g").read_bytes() == b"new"
+    finally:
+        root.close()
+        other.close()

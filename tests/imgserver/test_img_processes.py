@@ -384,7 +384,7 @@ async def test_cluster_view_in_process(tmp_path: Path) -> None:
 
     wall = [1000.0]
     text = b"# HELP imgserver_x_total things\n# TYPE imgserver_x_total counter\nimgserver_x_total 3.0\n"
-    views = [ClusterView(reactor, str(tmp_path), i, 2, render=lambda: text, wall=lambda: wall[0],
+    views = [ClusterView(reactor, str(tmp_path), i, 2, render=lambda: text, wall=lambda: wall[0], clock=lambda: wall[0],
                          health=lambda: {"status": "ok", "reasons": [], "reactor_lag": 0.0}, interval=0.05)
              for i in range(2)]
     (tmp_path / "parent.json").write_text(json.dumps({"restarts": {"0": 0, "1": 2}}))
@@ -513,3 +513,248 @@ async def test_supervisor_stop_during_a_rolling_restart_stops_every_process(tmp_
     await defer_timeout(rolling, 10)
     assert supervisor.live == []
     assert not any(alive(int(p)) for p in pids.read_text().split())
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_view_survives_a_corrupt_snapshot_of_another_worker(tmp_path: Path) -> None:
+    """Valid JSON of the wrong shape, or metrics that do not parse, from another worker: that worker
+    counts as missing; /metrics and /healthz of this one still answer."""
+    from twisted.internet import reactor
+
+    from imgserver.cluster import ClusterView
+    from http_helpers import wait_for
+
+    text = b"# HELP imgserver_x_total things\n# TYPE imgserver_x_total counter\nimgserver_x_total 3.0\n"
+    own = {"status": "ok", "reasons": [], "reactor_lag": 0.0}
+    view = ClusterView(reactor, str(tmp_path), 0, 3, render=lambda: text, health=lambda: own, interval=0.05)
+    (tmp_path / "worker-1.json").write_text(json.dumps(
+        {"id": 1, "pid": 1, "time": "yesterday", "health": ["not", "a", "dict"], "metrics": 7}))
+    (tmp_path / "worker-2.json").write_text(json.dumps(
+        {"id": 2, "pid": 2, "time": time.time(), "mono": time.monotonic(), "health": {"status": "ok"},
+         "metrics": "imgserver_x_total{ 3.0 garbage\n"}))
+    (tmp_path / "parent.json").write_text(json.dumps({"restarts": ["x"]}))
+    try:
+        view.start()
+        await wait_for(reactor, lambda: view.published >= 2, 10, "two exchanges")
+        health = view.health(dict(own))
+        assert health["status"] == "degraded"
+        assert "worker 1 missing" in health["reasons"], health
+        body = view.render(text).decode()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(body) for s in f.samples}
+        assert samples[("imgserver_x_total", (("worker", "0"),))] == 3.0
+        assert ("imgserver_x_total", (("worker", "2"),)) not in samples
+        assert samples[("imgserver_worker_up", (("worker", "2"),))] == 0.0
+    finally:
+        await view.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_view_wall_clock_stepped_back_does_not_hide_a_hung_worker(tmp_path: Path) -> None:
+    """Ages are monotonic: worker 1 stops publishing, the wall clock steps back an hour; worker 1 still
+    goes stale after STALE_AFTER (by wall time its last snapshot would look fresh for an hour)."""
+    from twisted.internet import reactor
+
+    from imgserver.cluster import ClusterView
+    from http_helpers import wait_for
+
+    wall, mono = [100000.0], [50.0]
+    text = b"# HELP imgserver_x_total things\n# TYPE imgserver_x_total counter\nimgserver_x_total 3.0\n"
+    own = {"status": "ok", "reasons": [], "reactor_lag": 0.0}
+    views = [ClusterView(reactor, str(tmp_path), i, 2, render=lambda: text, health=lambda: own, interval=0.05,
+                         wall=lambda: wall[0], clock=lambda: mono[0]) for i in range(2)]
+    try:
+        for view in views:
+            view.start()
+        await wait_for(reactor, lambda: all(v.snapshots for v in views), 10, "snapshots exchanged")
+        await views[1].stop()
+        wall[0] -= 3600  # the wall clock steps back...
+        mono[0] += 10  # ... while time goes on
+        health = views[0].health(dict(own))
+        assert health["reasons"] == ["worker 1 stale"], health
+    finally:
+        for view in views:
+            await view.stop()
+
+
+class _FailingSpawns:
+    """A reactor whose ``spawnProcess`` fails (fork: EAGAIN) the times listed in ``failing`` (0-based)."""
+
+    def __init__(self, reactor: Any, failing: set[int]) -> None:
+        self._reactor, self.failing, self.calls = reactor, failing, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+    def spawnProcess(self, *args: Any, **kwargs: Any) -> Any:
+        n, self.calls = self.calls, self.calls + 1
+        if n in self.failing:
+            raise OSError(11, "Resource temporarily unavailable")
+        return self._reactor.spawnProcess(*args, **kwargs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_supervisor_retries_a_worker_that_could_not_be_spawned(tmp_path: Path) -> None:
+    """fork/exec failing (EAGAIN, EMFILE, ...) when a worker starts, is restarted or is replaced is a failed
+    start: retried with back-off (not a slot left empty for good, nor a rolling restart that dies)."""
+    from twisted.internet import reactor
+
+    from imgserver.processes import Supervisor
+    from http_helpers import wait_for
+
+    pids = tmp_path / "pids"
+    script = _script(tmp_path, "polite", f"trap 'exit 0' TERM\necho $$ >> {pids}\necho ready >&3\n"
+                                         "while true; do sleep 0.05; done\n")
+    flaky = _FailingSpawns(reactor, {0, 3})
+    supervisor = Supervisor(flaky, 1, [], [], grace=2.0, run_dir=str(tmp_path), executable=script)
+    try:
+        await defer_timeout(defer_from(supervisor.start()), 20)  # the first spawn failed: retried
+        first = supervisor.slots[0].worker
+        assert first is not None and flaky.calls == 2
+        os.kill(first.pid, signal.SIGKILL)
+        await wait_for(reactor, lambda: (w := supervisor.slots[0].worker) is not None and w is not first
+                       and w.became_ready, 20, "the killed worker restarted")
+        second = supervisor.slots[0].worker
+        await defer_timeout(supervisor.rolling_restart(), 20)  # its replacement cannot be spawned: kept
+        assert supervisor.slots[0].worker is second and not second.gone
+        assert supervisor.gave_up is None
+        await wait_for(reactor, lambda: True, 1, "a moment")
+        assert supervisor.live == [second]  # no retry of the failed replacement beside the kept worker
+    finally:
+        assert await defer_timeout(defer_from(supervisor.stop()), 10) is True
+    assert not any(alive(int(p)) for p in pids.read_text().split())
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_view_recreates_a_removed_run_directory(tmp_path: Path) -> None:
+    """The run directory removed underneath (a /tmp cleaner, an operator): the workers recreate it (private)
+    and see each other again, rather than every /healthz answering 503 for good."""
+    import shutil
+
+    from twisted.internet import reactor
+
+    from imgserver.cluster import ClusterView
+    from http_helpers import wait_for
+
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    text = b"# HELP imgserver_x_total things\n# TYPE imgserver_x_total counter\nimgserver_x_total 3.0\n"
+    own = {"status": "ok", "reasons": [], "reactor_lag": 0.0}
+    views = [ClusterView(reactor, str(run), i, 2, render=lambda: text, health=lambda: own, interval=0.05)
+             for i in range(2)]
+    try:
+        for view in views:
+            view.start()
+        await wait_for(reactor, lambda: all(v.snapshots for v in views), 10, "snapshots exchanged")
+        shutil.rmtree(run)
+        await wait_for(reactor, lambda: not all(v.snapshots for v in views), 10, "the loss seen")
+        await wait_for(reactor, lambda: all(v.health(dict(own))["status"] == "ok" for v in views), 10,
+                       "every worker seen again")
+        assert (run.stat().st_mode & 0o777) == 0o700
+    finally:
+        for view in views:
+            await view.stop()
+
+
+def test_private_dir_is_not_adopted_from_someone_else(tmp_path: Path) -> None:
+    from imgserver.cluster import ensure_private_dir
+
+    run = tmp_path / "run"
+    assert ensure_private_dir(str(run)) and (run.stat().st_mode & 0o777) == 0o700
+    assert ensure_private_dir(str(run))
+    run.chmod(0o777)  # not private (as one made by another user would be): not written into
+    assert not ensure_private_dir(str(run))
+    run.rmdir()
+    run.symlink_to(tmp_path)
+    assert not ensure_private_dir(str(run))
+
+
+def test_parent_state_written_again_after_the_run_directory_is_removed(tmp_path: Path) -> None:
+    from twisted.internet import reactor
+
+    from imgserver.processes import Supervisor
+
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    supervisor = Supervisor(reactor, 2, [], [], grace=1.0, run_dir=str(run))
+    run.rmdir()
+    supervisor._write_state()
+    assert json.loads((run / "parent.json").read_text())["workers"] == 2
+    assert (run.stat().st_mode & 0o777) == 0o700
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_replacement_leaves_the_old_workers_snapshot(tmp_path: Path) -> None:
+    """A rolling restart whose replacement dies before it is ready keeps the old worker -- and its snapshot
+    (removing it would make every other worker report this one missing until it publishes again)."""
+    from twisted.internet import reactor
+
+    from imgserver.processes import Supervisor
+
+    marker = tmp_path / "first-started"
+    script = _script(tmp_path, "once", f"if [ -e {marker} ]; then exit 3; fi\ntouch {marker}\n"
+                                       "trap 'exit 0' TERM\necho ready >&3\nwhile true; do sleep 0.05; done\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    supervisor = Supervisor(reactor, 1, [], [], grace=2.0, run_dir=str(run), executable=script)
+    try:
+        await defer_timeout(defer_from(supervisor.start()), 20)
+        old = supervisor.slots[0].worker
+        (run / "worker-0.json").write_text("{}")  # what the old worker published
+        await defer_timeout(supervisor.rolling_restart(), 20)
+        assert supervisor.slots[0].worker is old and not old.gone
+        assert (run / "worker-0.json").exists()
+    finally:
+        assert await defer_timeout(defer_from(supervisor.stop()), 10) is True
+
+
+def test_parent_killed_while_the_workers_drain_leaves_no_run_directory(big_root: Path) -> None:
+    """SIGTERM, then SIGKILL before the parent could clean up (systemd's stop timeout, an impatient
+    operator): the workers were draining already when their control pipe closed -- the last one out
+    still removes the run directory."""
+    c = Cluster("--root", str(big_root), "--grace", "20")
+    try:
+        pids = c.pids()
+        environ = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
+        run_dir = Path([v.split(b"=", 1)[1] for v in environ if v.startswith(b"IMGSERVER_RUN_DIR=")][0].decode())
+        with ThreadPoolExecutor(12) as pool:  # work in flight keeps the workers draining for a while
+            futures = [pool.submit(c.get, f"/images/big.jpg?w={100 + i}", 40.0) for i in range(12)]
+            wait_until(lambda: sum(per_worker(c.metrics(), "imgserver_in_processing").values()) > 0, 20,
+                       "processing under way")
+            mark = c.mark()
+            c.proc.send_signal(signal.SIGTERM)
+            c.wait_line(r"parent: draining", timeout=10, after=mark)
+            for worker in pids:  # each worker heard the SIGTERM: the parent may go now
+                c.wait_line(rf"worker {worker}: draining", timeout=10, after=mark)
+            c.proc.kill()
+            c.proc.wait(10)
+            assert any(alive(p) for p in pids.values())  # still draining when their parent went
+            # Requests that connected before the SIGTERM are answered; later ones find no listener.
+            answered = [f.result(60)[0] for f in futures if not isinstance(f.exception(60), ConnectionRefusedError)]
+            assert answered and set(answered) == {200}
+        wait_until(lambda: not any(alive(p) for p in pids.values()), 30, "workers gone")
+        assert not run_dir.exists(), (sorted(p.name for p in run_dir.iterdir()), c.output)
+    finally:
+        c.kill()
+
+
+def test_kill_deadlines_wait_on_the_monotonic_clock() -> None:
+    """The wall clock stepped forward (Twisted's timers follow it) does not make a kill deadline or a ready
+    timeout fire early: a worker in the middle of its drain or its start is not killed for it."""
+    from twisted.internet.task import Clock
+
+    from imgserver.processes import _Timer
+
+    wall, mono, fired = Clock(), [0.0], []
+    timer = _Timer(wall, 15.0, fired.append, "KILL", clock=lambda: mono[0])
+    mono[0] = 1.0  # 1 s really passed...
+    wall.advance(3600)  # ... but the wall clock jumped an hour
+    assert fired == [] and timer.active()
+    mono[0] = 15.0
+    wall.advance(14)
+    assert fired == ["KILL"] and not timer.active()
+    other = _Timer(wall, 5.0, fired.append, "x", clock=lambda: mono[0])
+    other.cancel()
+    wall.advance(10)
+    mono[0] = 30.0
+    assert fired == ["KILL"] and not other.active()

@@ -106,3 +106,18 @@ def test_header_alone_checks_the_length():
         record.parse_header(whole[:200], digest, total=len(whole) - 1)
     with pytest.raises(CorruptRecord, match="checksum"):
         header.result(bytes(len(RESULT.body)))
+
+
+def test_digests_do_not_confuse_fields_nor_fail_on_any_path():
+    """The fields are not joined with a separator they may contain: a path
+    with ``|`` and a variant with ``|`` used to name another key's result
+    (memcached and ETags would then answer another image); and any path a
+    ``str`` can hold (a lone surrogate) names a result instead of raising."""
+    a = ResultKey(dev=1, inode=2, size=3, mtime_ns=4, path="x|5|6", variant="v")
+    b = ResultKey(dev=1, inode=2, size=5, mtime_ns=6, path="x", variant="3|4|v")
+    assert a.shared_digest() != b.shared_digest()
+    hard_link = ResultKey(**{**a.__dict__, "path": "another/name.jpg"})
+    assert hard_link.local_digest() == a.local_digest()  # the store's key names the file, not the path
+    odd = ResultKey(dev=1, inode=2, size=3, mtime_ns=4, path="bad\ud800name/é.jpg", variant="w=1")
+    assert len(odd.shared_digest()) == len(odd.local_digest()) == 16
+    assert odd.shared_digest() != ResultKey(**{**odd.__dict__, "path": "bad\ud801name/é.jpg"}).shared_digest()

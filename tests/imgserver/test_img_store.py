@@ -716,3 +716,40 @@ async def test_close_during_puts_aborts_them_and_releases_everything(stores, tmp
         path = entry_path(tmp_path, key(n))
         if path.exists():
             assert record.decode(path.read_bytes(), key(n).local_digest()) == result(n, 8 << 20)
+
+
+# --- regressions (review of issue 11) ---------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_link_to_another_entry_inside_the_store_is_a_miss_and_is_removed(stores, tmp_path):
+    """A symlink in place of an entry, leading to another key's record beneath
+    the store, is not a record for the key: a miss, and the link (only) is
+    removed -- it used to stay forever (its removal compared the target's
+    identity with the link's), costing an open and a read on every lookup."""
+    other = write_entry(tmp_path, key(2), result(2))
+    path = entry_path(tmp_path, key(1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(os.path.relpath(other, path.parent))  # relative: it stays beneath the root
+    store = await stores.start(tmp_path)
+    assert await store.get(key(1)) is None
+    await idle(store)
+    assert not os.path.lexists(path)
+    assert other.exists() and await store.get(key(2)) == result(2)  # the target is untouched
+    stats = store.stats()
+    assert (stats["corrupt"], stats["errors"]) == (1, 0)
+
+
+@pytest.mark.slowfs(read_delay=0.0, attr_timeout=0.0)
+@pytest_twisted.ensureDeferred
+async def test_read_only_store_serves_old_entries_without_counting_errors(stores, slow_fs):
+    """A hit on an entry older than REFRESH_AFTER moves its mtime; on a read-only
+    store that fails (EROFS): an expected state, like a declined write -- not an
+    error counted (and logged with a traceback) on every such hit."""
+    write_entry(Path(slow_fs.source), key(1), result(1), mtime=time.time() - 3600)
+    store = await stores.start(slow_fs.mount)
+    for _ in range(3):
+        assert await store.get(key(1)) == result(1)
+        await idle(store)
+    stats = store.stats()
+    assert (stats["hits"], stats["errors"]) == (3, 0)

@@ -662,3 +662,30 @@ async def test_a_hung_or_dead_memcached_never_fails_a_request(services, memcache
     stats = service.stats()
     assert stats["processed"] == 2 and stats["tier_hits"] == {"memcached": 0}
     assert stats["tier_failures"] == {"memcached": 0}  # the tier kept its own deadline: a plain miss
+
+
+# --- regressions (review of issue 11) ------------------------------------------------------------
+
+
+class CancelledTier(RecordTier):
+    """A buggy tier whose get fails with CancelledError although no one cancelled it
+    (an internal Deferred of the tier cancelled, say)."""
+
+    def get(self, key: ResultKey) -> defer.Deferred[Result | None]:
+        self.gets += 1
+        return defer.fail(defer.CancelledError("cancelled inside the tier"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tier_failing_with_cancelled_error_of_its_own_is_a_miss(services):
+    """Only the caller leaving cancels the request: a CancelledError that the
+    tier itself produced is a failure of the tier (a miss, counted), and the
+    image is processed -- it used to fail the request with CancelledError."""
+    broken, store = CancelledTier(name="broken"), RecordTier()
+    service = await services.start([broken, store])
+    result = await service.transform("photo.jpg", SPEC)
+    assert result.content_type == "image/png"
+    stats = service.stats()
+    assert stats["processed"] == 1
+    assert stats["tier_failures"] == {"broken": 1, "store": 0}
+    await wait_for(get_reactor(), lambda: quiet(service), timeout=5, what="the puts")

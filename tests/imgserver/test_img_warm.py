@@ -361,3 +361,78 @@ def test_command_on_a_terminal_draws_a_bar_and_sigint_stops_it_resumably(tmp_pat
     stored = len(list(results.rglob("*.img")))
     assert 1 <= stored < 30
     assert f"processed {stored}," in out
+
+
+def test_walk_stops_when_cancelled(tmp_path):
+    import threading
+
+    for i in range(50):
+        (tmp_path / f"d{i:02d}").mkdir()
+        (tmp_path / f"d{i:02d}" / "x.jpg").write_bytes(b"x")
+    cancelled = threading.Event()
+    assert len(walk(str(tmp_path), cancelled).files) == 50
+    cancelled.set()
+    found = walk(str(tmp_path), cancelled)
+    assert found.files == [] and found.cancelled
+
+
+@requires_store
+@pytest_twisted.ensureDeferred
+async def test_interrupted_before_the_walk_does_not_walk(tmp_path, monkeypatch):
+    """Interrupted while the service and store start: the (maybe long) walk of the root is not done, and an
+    interruption during the walk cancels it: a Ctrl-C never waits for a whole tree to be listed."""
+    from imgserver import warm as warm_module
+
+    walked = []
+    real_walk = warm_module.walk
+
+    def recording_walk(root, cancelled=None):
+        walked.append(root)
+        return real_walk(root, cancelled)
+
+    monkeypatch.setattr(warm_module, "walk", recording_walk)
+    settings = Settings(root=str(SAMPLES_DIR), result_dir=str(tmp_path / "results"), presets=("t:w=40",))
+    stop: defer.Deferred[None] = defer.Deferred()
+    stop.callback(None)  # before anything started
+    summary = await defer.Deferred.fromCoroutine(warm(get_reactor(), settings, jobs_from(settings, ["t"], []),
+                                                      progress="none", interrupted=stop)).addTimeout(20, get_reactor())
+    assert summary.interrupted and summary.exit_status() == 1
+    assert walked == [] and summary.processed == 0
+
+
+@requires_store
+def test_command_interrupted_by_repeated_signals_fails_nothing(tmp_path):
+    """Ctrl-C pressed twice and a SIGTERM: one interruption -- no traceback, and the units the stopping service
+    refused are not reported as failures (the next run does them)."""
+    import signal
+
+    root = tmp_path / "slow"
+    root.mkdir()
+    data = encode(noisy((480, 320)), "PNG")
+    for i in range(6):
+        (root / f"{i:02d}.png").write_bytes(data)
+    results = tmp_path / "results"
+    transforms = [a for w in range(40, 480, 20) for a in ("--transform", f"w={w}")]
+    proc = subprocess.Popen([sys.executable, "-m", "imgserver", "warm", "--root", str(root), "--result-dir",
+                             str(results), "--workers", "1", "--progress", "none", *transforms],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not any(results.rglob("*.img")):
+            assert proc.poll() is None, "warm ended before it could be interrupted"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.02)  # the first is being handled: the run is stopping
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, out + err
+    assert "interrupted: run again to resume" in out
+    assert "failed 0;" in out, out
+    assert "Traceback" not in err, err
