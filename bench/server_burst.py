@@ -292,7 +292,10 @@ def metric_by(samples: Sequence[Sample] | None, name: str, label: str, **labels:
 COUNTERS = {
     "images_200": ("imgserver_requests_total", {"endpoint": "images", "status": "200"}),
     "images_503": ("imgserver_requests_total", {"endpoint": "images", "status": "503"}),
+    # Every cause of a 503: the processing queue full, the file loader full, over --max-connections.
     "rejected": ("imgserver_rejected_total", {}),
+    "files_rejected": ("imgserver_files_rejected_total", {}),
+    "connections_refused": ("imgserver_connections_refused_total", {}),
     "processed": ("imgserver_processing_seconds_count", {}),
     "cache_hits": ("imgserver_cache_hits_total", {}),
     "coalesced": ("imgserver_coalesced_total", {}),
@@ -469,6 +472,8 @@ def run_one(args: argparse.Namespace, processes: int, corpus: str, paths: Sequen
 
         # The server's counters next to the load generator's.
         delta = {k: counters(after)[k] - counters(before)[k] for k in COUNTERS} if before and after else {}
+        if delta:
+            delta["rejected"] += delta.pop("files_rejected") + delta.pop("connections_refused")
         def count(outcome: str, items: Sequence[tuple[str, float, float]]) -> int:
             return sum(1 for o, *_ in items if o == outcome)
 
@@ -483,7 +488,7 @@ def run_one(args: argparse.Namespace, processes: int, corpus: str, paths: Sequen
         labels = {
             "images_200": "200 answers (burst + cached probe)",
             "images_503": "503 answers",
-            "rejected": "refused: queue full (rejected) = 503s",
+            "rejected": "refused (queue, file loader or connections full) = 503s",
             "processed": "images processed = burst 200s",
             "cache_hits": "memory cache hits = cached probe 200s",
             "coalesced": "shared processings (must be 0: all distinct)",

@@ -116,6 +116,8 @@ class _ServiceCollector:
             ("imgserver_rejected", "Requests refused because the queue was full", stats.get("rejected")),
             ("imgserver_streams_rejected", "Originals refused because the streams lane was full",
              stats.get("streams_rejected")),
+            ("imgserver_files_rejected", "Requests refused because the file loader was full",
+             stats.get("files_rejected")),
             ("imgserver_coalesced", "Requests that shared another's processing", stats.get("coalesced")),
             ("imgserver_file_bytes", "Bytes loaded from files", files.get("bytes")),
         ]
