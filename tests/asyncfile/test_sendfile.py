@@ -1051,7 +1051,9 @@ async def test_twisted_web_response_body(loader, engine, tmp_path):
     from twisted.web import resource, server
 
     files = {b"/a": write_file(tmp_path / "a", 3 * MiB + 1), b"/b": write_file(tmp_path / "b", 70000, seed=9)}
+    fds_before = open_fds()
     transfers = []
+    producers = []
     bodies = []  # each fires once its transfer has ended and its handle is closed
 
     class FileResource(resource.Resource):
@@ -1068,6 +1070,8 @@ async def test_twisted_web_response_body(loader, engine, tmp_path):
                 transfer = SendfileTransfer(loader, handle, request.channel.transport, own_handle=True)
                 transfers.append(transfer)
                 n = await transfer.start()
+                # The channel is the transport's producer again once a body is sent.
+                producers.append(type(request.channel.transport.producer).__name__)
                 request.sentLength += n
                 if not request._disconnected:  # the client may have read it all and gone
                     request.finish()
@@ -1087,14 +1091,17 @@ async def test_twisted_web_response_body(loader, engine, tmp_path):
     assert [body for _, body in got] == [files[b"/a"], files[b"/b"], files[b"/a"]]
     assert all(head.startswith(b"HTTP/1.1 200") for head, _ in got)
     assert [t.route for t in transfers] == ["sendfile" if engine == "nowait" else "read"] * 3
-    # The channel is the transport's producer again after each body.
-    assert all(type(t.transport.producer).__name__ in ("HTTPChannel", "NoneType") for t in transfers)
     # The client has read the last body and closed.  The last transfer may end
     # after that (when the server sees the client go), and its handle is
     # closed before its Deferred fires -- in the I/O pool on the threads
     # engine, so after the transport is gone: wait for both events.
     await defer.gatherResults(bodies).addTimeout(10, reactor)
+    # Each body sent in full handed the transport back to the channel (the
+    # last may instead end with ConsumerStopped when the client has gone).
+    assert len(producers) >= 2 and set(producers) <= {"HTTPChannel", "NoneType"}, producers
     from .test_loader import until
 
     await until(lambda: all(t.transport.disconnected for t in transfers))
     assert all(t.handle.closed for t in transfers)
+    # Every socket of the exchange is closed, soon (bounded: a leak still fails).
+    await until(lambda: not {fd for fd in open_fds() - fds_before if os.path.exists(f"/proc/self/fd/{fd}")})

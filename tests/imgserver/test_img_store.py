@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, task
+from twisted.internet import defer
 
 from asyncfile import FileLoader
+from http_helpers import get_reactor, sleep, wait_for
 from imgserver import record
 from imgserver.processing import Result
 from imgserver.record import ResultKey
@@ -29,25 +30,6 @@ from imgserver.tiers import IResultTier
 pytestmark = pytest.mark.timeout(60)
 
 
-# Small local helpers (as in http_helpers, which would import the whole server).
-def get_reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
-async def sleep(reactor: Any, seconds: float) -> None:
-    await task.deferLater(reactor, seconds, lambda: None)
-
-
-async def wait_for(reactor: Any, predicate: Any, timeout: float = 5.0, what: str = "condition") -> float:
-    """Poll ``predicate()`` every 5 ms until true; the seconds it took (AssertionError after ``timeout``)."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await sleep(reactor, 0.005)
-    return time.monotonic() - started
 
 
 def key(n: int, variant: str = "w=100") -> ResultKey:
