@@ -324,6 +324,7 @@ class ResultStore:
         self._scanning: defer.Deferred[Any] | None = None
         self._scanned_at = float("-inf")
         self._evict_not_before = float("-inf")
+        self._retry: Any = None  # the delayed call of a scan put off while another process evicted
         self._dirty = False  # written since the last scan
         self._written_since_scan = 0
         self._writes_off_until = float("-inf")
@@ -428,6 +429,8 @@ class ResultStore:
     async def _close(self) -> None:
         self.available = False
         self._stop_flag.set()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
         if self._starting is not None and not self._starting.called:
             self._starting.cancel()
         for outer in list(self._ops.values()):
@@ -801,9 +804,16 @@ class ResultStore:
         finally:
             self._scanning = None
         self._scanned_at = now
-        self.bytes, self.entries = found.total, found.entries
+        # What this process wrote while the scan ran may not be in its total.
+        self.bytes, self.entries = found.total + self._written_since_scan, found.entries
         if found.evicted:
             self.evicted += found.evicted
             self.evictions += 1
         if found.busy and found.total > self.max_bytes:
-            self._evict_not_before = now + EVICT_RETRY  # another process evicts: look again later
+            # Another process evicts: look again later, even if nothing is written meanwhile
+            # (a store left over its bound after a burst would otherwise stay so until the next put).
+            self._evict_not_before = now + EVICT_RETRY
+            if self._retry is None or not self._retry.active():
+                self._retry = self.reactor.callLater(EVICT_RETRY, self._maybe_evict)
+        elif self._written_since_scan:
+            self._maybe_evict()  # written while it scanned: over the bound again?
