@@ -23,16 +23,14 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from typing import Any, Callable
 
 import pytest
 import pytest_twisted
 from hypothesis import HealthCheck, given, settings, strategies as st
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.protocols import basic
-from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -41,10 +39,10 @@ from asyncfile import writer
 from asyncfile.writer import TEMP_SUFFIX, FileConsumer, WriteState
 
 from .conftest import open_fds
+from .test_model import run_in_greenlet, spin_until as model_spin_until
+from .test_ownership import WAIT, KiB, Outcome, _InsertionOrdered, assert_idle, turns, until
 
-KiB = 1024
 MiB = 1024 * KiB
-WAIT = 10.0  # bound of every wait on an event; passing runs take milliseconds
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -52,42 +50,6 @@ pytestmark = pytest.mark.timeout(90)
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-
-async def until(condition: Callable[[], Any], timeout: float = WAIT, what: str = "") -> None:
-    """Let the reactor run until ``condition()`` holds (bounded)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {timeout} s: {what or condition}")
-        await task.deferLater(reactor, 0.002, lambda: None)
-
-
-async def turns(n: int = 5) -> None:
-    """Let the reactor run ``n`` iterations (for things that must NOT happen)."""
-    for _ in range(n):
-        await task.deferLater(reactor, 0, lambda: None)
-    await task.deferLater(reactor, 0.02, lambda: None)
-
-
-class Outcome:
-    """Watches a Deferred: how often it fired, and with what."""
-
-    def __init__(self, d: defer.Deferred[Any]) -> None:
-        self.fired = 0
-        self.result: Any = None
-        d.addBoth(self._got)
-
-    def _got(self, result: Any) -> None:
-        self.fired += 1
-        self.result = result
-
-    def failed_with(self, *types: type[BaseException]) -> bool:
-        return isinstance(self.result, Failure) and self.result.check(*types) is not None
-
-    async def wait(self) -> Any:
-        await until(lambda: self.fired, what="the Deferred fired")
-        return self.result
-
 
 class Gate:
     """Stands in for a system call: the first ``times`` calls (that ``match``)
@@ -149,11 +111,6 @@ def temp_files(top: Any) -> list[str]:
 def no_temp_files(tmp_path):
     yield
     assert temp_files(tmp_path) == []
-
-
-def assert_idle(loader: Any) -> None:
-    s = loader.stats()
-    assert (s["open"], s["active"], s["waiting"]) == (0, 0, 0), s
 
 
 def fds_on(path: Any) -> list[str]:
@@ -772,8 +729,6 @@ async def test_close_fails_writes_waiting_for_a_place_and_starts_none(make_loade
     its place: the place it gives back must not start one of them (an open
     of a temporary file during close()).  Every waiting write fails with
     LoaderClosed and no step of theirs is submitted to the pool."""
-    from .test_ownership import _InsertionOrdered
-
     steps: list[Any] = []
     real_submit = FileConsumer._submit
     monkeypatch.setattr(FileConsumer, "_submit", lambda self, kind, *a: (steps.append(kind), real_submit(self, kind, *a))[1])
@@ -976,47 +931,8 @@ async def test_an_error_before_finish_is_reported_by_finish(loader, tmp_path, no
 def spin_until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
     """From the test's own greenlet: let the reactor run until ``condition()``
     (polled from a ``callLater`` of ours, never inside the library's callbacks)."""
-    done: defer.Deferred[bool] = defer.Deferred()
-    deadline = time.monotonic() + timeout
-
-    def poll() -> None:
-        if condition():
-            done.callback(True)
-        elif time.monotonic() > deadline:
-            done.errback(AssertionError(f"not reached within {timeout} s"))
-        else:
-            reactor.callLater(0.001, poll)
-
-    reactor.callLater(0, poll)
-    pytest_twisted.blockon(done)
-
-
-def run_in_greenlet(fn: Callable[[], None]) -> defer.Deferred[None]:
-    """Run ``fn`` in a greenlet of its own (pytest-twisted runs tests inside
-    the reactor's greenlet, where ``blockon`` is not allowed)."""
-    import greenlet
-
-    result: defer.Deferred[None] = defer.Deferred()
-    outcome: list[Any] = []
-
-    def fire() -> None:
-        if isinstance(outcome[0], Failure):
-            result.errback(outcome[0])
-        else:
-            result.callback(None)
-
-    def body() -> None:
-        try:
-            fn()
-        except BaseException:
-            outcome.append(Failure())
-        else:
-            outcome.append(None)
-        reactor.callLater(0, fire)
-
-    g = greenlet.greenlet(body, parent=greenlet.getcurrent())
-    reactor.callLater(0, g.switch)
-    return result
+    if not model_spin_until(condition, timeout):
+        raise AssertionError(f"not reached within {timeout} s")
 
 
 chunkings = st.lists(
