@@ -81,16 +81,23 @@ _OPTION_FOR = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imgserver", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_settings_options(parser: argparse.ArgumentParser, presets_help: str | None = None) -> None:
+    """One option per :class:`Settings` field (the server's and ``imgserver warm``'s)."""
     helps = Settings.help()
+    if presets_help is not None:
+        helps["presets"] = presets_help
     defaults = Settings()
     for field in fields(Settings):
         option, kind = _OPTION_FOR[field.name]
         default = getattr(defaults, field.name) if field.name != "secret" else None
         repeated = {"action": "append", "default": None} if field.name == "presets" else {"default": default}
         parser.add_argument(option, dest=field.name, type=kind, help=helps.get(field.name, ""), **repeated)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgserver", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_settings_options(parser)
     parser.add_argument("--http", default=DEFAULT_HTTP, help="HTTP endpoint ('none' to disable)")
     parser.add_argument("--pb", default=DEFAULT_PB,
                         help="Perspective Broker endpoint ('none' to disable); clients log in with "

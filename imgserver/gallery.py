@@ -447,11 +447,11 @@ def render_detail(path: str, info: Mapping[str, Any] | None, error: str | None, 
 # The listing itself: blocking, for a thread
 
 
-_DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 _PATH_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
 
 
-def _kind(entry: os.DirEntry[str], root_fd: int, rel: str) -> str:
+def entry_kind(entry: os.DirEntry[str], root_fd: int, rel: str) -> str:
     """``"dir"``, ``"file"`` or ``"other"``, from the directory entry's type
     (``d_type``; an ``lstat`` only where the file system gives none).  A
     symlink is resolved the way the server would open it, beneath the root
@@ -492,7 +492,7 @@ def scan_directory(root: str, segments: Sequence[str], extensions: Iterable[str]
     listing = Listing(tuple(segments))
     root_fd = confine.open_root(root)
     try:
-        fd = confine.open_beneath(root_fd, "/".join(segments) or ".", _DIRECTORY_FLAGS)
+        fd = confine.open_beneath(root_fd, "/".join(segments) or ".", DIRECTORY_FLAGS)
         try:
             read = 0
             with os.scandir(fd) as it:
@@ -502,7 +502,7 @@ def scan_directory(root: str, segments: Sequence[str], extensions: Iterable[str]
                         break
                     read += 1
                     name = item.name
-                    kind = "other" if name.startswith(".") else _kind(item, root_fd, "/".join([*segments, name]))
+                    kind = "other" if name.startswith(".") else entry_kind(item, root_fd, "/".join([*segments, name]))
                     entry = classify(segments, name, kind, extensions)
                     if entry is None:
                         listing.skipped += 1

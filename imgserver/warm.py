@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import stat
 import sys
 import threading
 import time
@@ -148,8 +147,6 @@ class Walk:
     cancelled: bool = False  # stopped early (the run was interrupted): ``files`` is partial
 
 
-_DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
-_PATH_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
 
 
 def walk(root: str, cancelled: threading.Event | None = None) -> Walk:
@@ -165,6 +162,8 @@ def walk(root: str, cancelled: threading.Event | None = None) -> Walk:
     """
     from asyncfile import confine
 
+    from .gallery import DIRECTORY_FLAGS, entry_kind
+
     found = Walk()
     root_fd = confine.open_root(root)
     try:
@@ -175,7 +174,7 @@ def walk(root: str, cancelled: threading.Event | None = None) -> Walk:
                 break
             rel_dir = pending.pop()
             try:
-                fd = confine.open_beneath(root_fd, rel_dir or ".", _DIRECTORY_FLAGS)
+                fd = confine.open_beneath(root_fd, rel_dir or ".", DIRECTORY_FLAGS)
             except OSError as e:
                 found.unreadable.append((rel_dir or ".", f"directory not readable: {e.strerror or e}"))
                 continue
@@ -189,23 +188,12 @@ def walk(root: str, cancelled: threading.Event | None = None) -> Walk:
                         except (ImageServerError, UnicodeEncodeError):
                             found.ignored += 1  # hidden, or a name the server refuses
                             continue
-                        try:
-                            if entry.is_symlink():
-                                link = confine.open_beneath(root_fd, rel, _PATH_FLAGS)
-                                try:
-                                    mode = os.fstat(link).st_mode
-                                finally:
-                                    os.close(link)
-                                is_file, is_dir = stat.S_ISREG(mode), False
-                            else:
-                                is_dir = entry.is_dir(follow_symlinks=False)
-                                is_file = entry.is_file(follow_symlinks=False)
-                        except (OSError, ValueError):
-                            found.ignored += 1  # dangling, or leading outside the root
-                            continue
-                        if is_dir:
+                        # As the gallery lists it: a symlink resolved beneath the root (one that
+                        # dangles or leads outside is "other"); symlinked directories not followed.
+                        kind = entry_kind(entry, root_fd, rel)
+                        if kind == "dir" and not entry.is_symlink():
                             pending.append(rel)
-                        elif is_file:
+                        elif kind == "file":
                             found.files.append(rel)
                         else:
                             found.ignored += 1
@@ -574,20 +562,11 @@ async def warm(reactor: Any, settings: Settings, jobs: Sequence[Job], *, progres
 
 def build_parser() -> argparse.ArgumentParser:
     """The server's own options (same names, same meaning) plus warm's."""
-    from .cli import _OPTION_FOR
+    from .cli import add_settings_options
 
     parser = argparse.ArgumentParser(prog="imgserver warm", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    helps = Settings.help()
-    defaults = Settings()
-    for f in fields(Settings):
-        option, kind = _OPTION_FOR[f.name]
-        if f.name == "presets":
-            parser.add_argument(option, dest=f.name, type=kind, action="append", default=None,
-                                help="NAME:QUERY: a preset of the server, warmed (repeatable)")
-            continue
-        default = getattr(defaults, f.name) if f.name != "secret" else None
-        parser.add_argument(option, dest=f.name, type=kind, default=default, help=helps.get(f.name, ""))
+    add_settings_options(parser, presets_help="NAME:QUERY: a preset of the server, warmed (repeatable)")
     parser.add_argument("--transform", action="append", default=[], metavar="QUERY",
                         help="a query string to warm, e.g. 'w=400&fm=webp' or 'preset=thumb&dpr=2' (repeatable)")
     parser.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
